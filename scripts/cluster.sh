@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# A local three-node Tandem cluster on loopback.
+#
+#   scripts/cluster.sh up          build, start nodes 1-3, initialise on first start, wait for a leader
+#   scripts/cluster.sh down        stop every node (data is kept)
+#   scripts/cluster.sh status      every node's role, term, leader, indexes, membership
+#   scripts/cluster.sh kill N      kill -9 node N
+#   scripts/cluster.sh restart N   stop node N (if running) and start it again
+#   scripts/cluster.sh wipe        stop every node and delete all data and logs
+#
+# State (data, logs, pids) lives under $TANDEM_HOME, by default .tandem/ in
+# the repository. Node N listens on 127.0.0.1:700N (cluster/nodeN.toml).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+TANDEM_HOME="${TANDEM_HOME:-$REPO_ROOT/.tandem}"
+NODES=(1 2 3)
+ADDRS="127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+MEMBERS="1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003"
+export TANDEM_NODES="$ADDRS"
+
+pid_file() { echo "$TANDEM_HOME/run/node$1.pid"; }
+log_file() { echo "$TANDEM_HOME/logs/node$1.log"; }
+data_dir() { echo "$TANDEM_HOME/data/node$1"; }
+addr() { echo "127.0.0.1:700$1"; }
+
+running() {
+    local f
+    f="$(pid_file "$1")"
+    [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+start_node() {
+    local n=$1
+    if running "$n"; then
+        log "node $n already running (pid $(cat "$(pid_file "$n")"))"
+        return
+    fi
+    mkdir -p "$TANDEM_HOME/run" "$TANDEM_HOME/logs" "$(data_dir "$n")"
+    RUST_LOG="${RUST_LOG:-info,openraft=warn}" nohup "$TANDEM_BIN" serve \
+        --config "$REPO_ROOT/cluster/node$n.toml" --data-dir "$(data_dir "$n")" \
+        >>"$(log_file "$n")" 2>&1 &
+    echo $! >"$(pid_file "$n")"
+    log "node $n started (pid $!)"
+}
+
+wait_listening() {
+    local n=$1
+    for _ in $(seq 1 100); do
+        if "$TANDEM_BIN" cluster status --nodes "$(addr "$n")" --json 2>/dev/null | grep -q "\"id\":$n,"; then
+            return 0
+        fi
+        if ! running "$n"; then
+            echo "node $n exited; see $(log_file "$n")" >&2
+            tail -n 20 "$(log_file "$n")" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    echo "node $n is not answering on $(addr "$n"); see $(log_file "$n")" >&2
+    exit 1
+}
+
+stop_node() {
+    local n=$1 signal=${2:-TERM}
+    if ! running "$n"; then
+        rm -f "$(pid_file "$n")"
+        return
+    fi
+    local pid
+    pid="$(cat "$(pid_file "$n")")"
+    kill "-$signal" "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$(pid_file "$n")"
+    log "node $n stopped ($signal)"
+}
+
+up() {
+    build_tandem
+    for n in "${NODES[@]}"; do start_node "$n"; done
+    for n in "${NODES[@]}"; do wait_listening "$n"; done
+    if "$TANDEM_BIN" cluster status --json | grep -q '"initialized":true'; then
+        log "cluster already initialised"
+    else
+        log "initialising the cluster: $MEMBERS"
+        "$TANDEM_BIN" cluster init --node "$(addr 1)" --members "$MEMBERS"
+    fi
+    log "waiting for a leader"
+    "$TANDEM_BIN" cluster status --wait-leader 60
+    echo
+    for n in "${NODES[@]}"; do
+        echo "node $n: grpc $(addr "$n")  log $(log_file "$n")  data $(data_dir "$n")"
+    done
+    echo "state directory: $TANDEM_HOME"
+    echo "try: $TANDEM_BIN cluster status"
+}
+
+need_node() {
+    case "${1:-}" in
+        1 | 2 | 3) ;;
+        *) echo "usage: $0 $2 1|2|3" >&2; exit 2 ;;
+    esac
+}
+
+case "${1:-}" in
+    up) up ;;
+    down) for n in "${NODES[@]}"; do stop_node "$n"; done ;;
+    status)
+        [ -x "$TANDEM_BIN" ] || build_tandem
+        "$TANDEM_BIN" cluster status
+        ;;
+    kill) need_node "${2:-}" kill; stop_node "$2" KILL ;;
+    restart)
+        need_node "${2:-}" restart
+        build_tandem
+        stop_node "$2"
+        start_node "$2"
+        wait_listening "$2"
+        ;;
+    wipe)
+        for n in "${NODES[@]}"; do stop_node "$n"; done
+        rm -rf "$TANDEM_HOME"
+        log "removed $TANDEM_HOME"
+        ;;
+    *)
+        sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+        exit 2
+        ;;
+esac

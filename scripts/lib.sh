@@ -1,0 +1,40 @@
+# Shared by the scripts: where things are, and installing what is missing.
+# Source it; it changes nothing until a function is called.
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# One build cache outside the clone, shared by tests, demo and CI, so
+# RocksDB's C++ is compiled once per machine.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tandem/target}"
+TANDEM_BIN="$CARGO_TARGET_DIR/debug/tandem"
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# Installs the Debian packages the build needs, if missing.
+ensure_build_deps() {
+    local missing=()
+    dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
+    command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+    if ((${#missing[@]})); then
+        log "installing ${missing[*]}"
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "cargo is not installed; install Rust (rustup) first" >&2
+        exit 1
+    fi
+    for component in rustfmt clippy; do
+        if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+            log "installing rust component $component"
+            rustup component add "$component"
+        fi
+    done
+}
+
+build_tandem() {
+    ensure_build_deps
+    log "building tandem (target dir $CARGO_TARGET_DIR)"
+    (cd "$REPO_ROOT" && cargo build --bin tandem --quiet)
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds, checks and runs every test.
+#
+# Integration tests start their own nodes on ports chosen at run time and
+# run one at a time (the machine has few cores; Raft timing needs slack).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$REPO_ROOT"
+ensure_build_deps
+log "building (target dir $CARGO_TARGET_DIR)"
+cargo build --all-targets --quiet
+"$REPO_ROOT/scripts/check.sh"
+log "running tests"
+cargo test --quiet -- --test-threads=1

@@ -1,0 +1,268 @@
+//! The Rust client: talks to any node and follows the leader.
+//!
+//! A request goes to the node the client last had success with. When a node
+//! answers UNAVAILABLE, the client retries, with capped exponential backoff,
+//! at the leader the node named, or else at the next known node. It retries
+//! only requests that are safe to repeat: every decision-log command is
+//! (a decision is a compare-and-set; complete and forget are idempotent), and
+//! reads are. Other errors come back to the caller as they are.
+//!
+//! ```no_run
+//! # async fn example() -> tandem::error::Result<()> {
+//! use tandem::client::Client;
+//! use tandem::txn::{Decision, TxId};
+//!
+//! let mut client = Client::new(["127.0.0.1:7001", "127.0.0.1:7002"])?;
+//! let decision = Decision::Abort { reason: "operator".into() };
+//! let (won, record) = client.decide(&TxId::parse("t1")?, &decision).await?;
+//! println!("won={won} holds={:?}", record.decision);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::future::Future;
+use std::time::Duration;
+
+use tonic::transport::Channel;
+
+use crate::error::Error;
+use crate::error::Result;
+use crate::proto as pb;
+use crate::proto::cluster_client::ClusterClient;
+use crate::proto::decision_log_client::DecisionLogClient;
+use crate::raft::network::PeerChannels;
+use crate::server::convert;
+use crate::txn::Decision;
+use crate::txn::RecordState;
+use crate::txn::TxId;
+use crate::txn::TxnRecord;
+
+/// How many times one request is tried before the last error is returned.
+const ATTEMPTS_MAX: u32 = 12;
+const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Deadline of one attempt.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Client {
+    addrs: Vec<String>,
+    current: usize,
+    /// A pinned client talks to its one node only and never follows a leader.
+    pinned: bool,
+    channels: PeerChannels,
+}
+
+/// One page of records.
+#[derive(Debug)]
+pub struct RecordPage {
+    pub records: Vec<TxnRecord>,
+    /// Pass as `after` for the next page; `None` on the last page.
+    pub next_after: Option<TxId>,
+}
+
+impl Client {
+    /// A client for a cluster, given the addresses (`host:port`) of any of
+    /// its nodes.
+    pub fn new<S: AsRef<str>>(addrs: impl IntoIterator<Item = S>) -> Result<Self> {
+        let addrs: Vec<String> = addrs.into_iter().map(|a| a.as_ref().to_string()).collect();
+        if addrs.is_empty() {
+            return Err(Error::InvalidInput("the client needs at least one node address".into()));
+        }
+        for a in &addrs {
+            crate::raft::network::endpoint(a)?;
+        }
+        Ok(Self { addrs, current: 0, pinned: false, channels: PeerChannels::default() })
+    }
+
+    /// A client for exactly one node: no leader following, no retries
+    /// elsewhere. For per-node status and local reads.
+    pub fn pinned(addr: &str) -> Result<Self> {
+        let mut c = Self::new([addr])?;
+        c.pinned = true;
+        Ok(c)
+    }
+
+    /// The address requests currently go to.
+    pub fn current_addr(&self) -> &str {
+        &self.addrs[self.current]
+    }
+
+    /// Runs `f` against the current node, moving to the leader or the next
+    /// node on errors that say the request did not take effect.
+    async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = std::result::Result<T, tonic::Status>>,
+    {
+        let mut backoff = BACKOFF_FIRST;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let channel = self.channels.get(self.current_addr())?;
+            let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, f(channel)).await {
+                Ok(r) => r.map_err(Error::from),
+                Err(_) => {
+                    Err(Error::OutcomeUnknown(format!("no answer from {} in {ATTEMPT_TIMEOUT:?}", self.current_addr())))
+                }
+            };
+            let e = match result {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            // Every request this client sends is safe to repeat, so an
+            // unknown outcome may be retried too.
+            let retry = e.is_retryable() || matches!(e, Error::OutcomeUnknown(_));
+            if !retry || attempt >= ATTEMPTS_MAX {
+                return Err(e);
+            }
+            if !self.pinned {
+                match e.leader_hint() {
+                    Some(hint) => self.switch_to(&hint.addr),
+                    None => self.current = (self.current + 1) % self.addrs.len(),
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn switch_to(&mut self, addr: &str) {
+        match self.addrs.iter().position(|a| a == addr) {
+            Some(i) => self.current = i,
+            None => {
+                self.addrs.push(addr.to_string());
+                self.current = self.addrs.len() - 1;
+            }
+        }
+    }
+
+    /// Records a decision for `txid`: the first decision holds. Returns
+    /// whether `decision` is the one that holds, and the record.
+    pub async fn decide(&mut self, txid: &TxId, decision: &Decision) -> Result<(bool, TxnRecord)> {
+        let req =
+            pb::DecideRequest { version: 0, txid: txid.to_string(), decision: Some(convert::decision_to_pb(decision)) };
+        let resp = self
+            .call(|ch| {
+                let req = req.clone();
+                async move { DecisionLogClient::new(ch).decide(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        let record = resp.record.ok_or_else(|| Error::Internal("decide answered without a record".into()))?;
+        Ok((resp.won, convert::record_from_pb(record)?))
+    }
+
+    /// Marks `txid` complete.
+    pub async fn complete(&mut self, txid: &TxId) -> Result<TxnRecord> {
+        let req = pb::CompleteRequest { version: 0, txid: txid.to_string() };
+        let resp = self
+            .call(|ch| {
+                let req = req.clone();
+                async move { DecisionLogClient::new(ch).complete(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        convert::record_from_pb(
+            resp.record.ok_or_else(|| Error::Internal("complete answered without a record".into()))?,
+        )
+    }
+
+    /// Drops completed records completed before `before_unix_ms`.
+    pub async fn forget(&mut self, before_unix_ms: u64) -> Result<u64> {
+        let req = pb::ForgetRequest { version: 0, before_unix_ms };
+        let resp =
+            self.call(|ch| async move { DecisionLogClient::new(ch).forget(req).await.map(|r| r.into_inner()) }).await?;
+        Ok(resp.forgotten)
+    }
+
+    /// The record of `txid`, `None` if no decision is recorded. `local` reads
+    /// the answering node's own state machine, which may lag.
+    pub async fn get_record(&mut self, txid: &TxId, local: bool) -> Result<Option<TxnRecord>> {
+        let req = pb::GetRecordRequest { txid: txid.to_string(), local };
+        match self
+            .call(|ch| {
+                let req = req.clone();
+                async move { DecisionLogClient::new(ch).get_record(req).await.map(|r| r.into_inner()) }
+            })
+            .await
+        {
+            Ok(r) => Ok(Some(convert::record_from_pb(r)?)),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One page of records, ordered by txid.
+    pub async fn list_records(
+        &mut self,
+        state: Option<RecordState>,
+        after: Option<&TxId>,
+        limit: u32,
+        local: bool,
+    ) -> Result<RecordPage> {
+        let req = pb::ListRecordsRequest {
+            state: state.map_or(pb::RecordState::Unspecified, convert::state_to_pb) as i32,
+            after: after.map(|a| a.to_string()).unwrap_or_default(),
+            limit,
+            local,
+        };
+        let resp = self
+            .call(|ch| {
+                let req = req.clone();
+                async move { DecisionLogClient::new(ch).list_records(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        let records = resp.records.into_iter().map(convert::record_from_pb).collect::<Result<Vec<_>>>()?;
+        let next_after = if resp.next_after.is_empty() { None } else { Some(TxId::parse(&resp.next_after)?) };
+        Ok(RecordPage { records, next_after })
+    }
+
+    /// Every record, page by page.
+    pub async fn list_all_records(&mut self, state: Option<RecordState>, local: bool) -> Result<Vec<TxnRecord>> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.list_records(state, after.as_ref(), 1000, local).await?;
+            out.extend(page.records);
+            match page.next_after {
+                Some(a) => after = Some(a),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// The status of the node the client currently talks to.
+    pub async fn status(&mut self) -> Result<pb::NodeStatus> {
+        self.call(|ch| async move { ClusterClient::new(ch).status(pb::StatusRequest {}).await.map(|r| r.into_inner()) })
+            .await
+    }
+
+    /// Initialises a new cluster. Goes to the current node, which must be a
+    /// member.
+    pub async fn init(&mut self, members: Vec<pb::Member>) -> Result<()> {
+        let req = pb::InitRequest { members };
+        let channel = self.channels.get(self.current_addr())?;
+        ClusterClient::new(channel).init(req).await.map_err(Error::from)?;
+        Ok(())
+    }
+
+    pub async fn add_learner(&mut self, member: pb::Member) -> Result<pb::MembershipResponse> {
+        let req = pb::AddLearnerRequest { member: Some(member) };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { ClusterClient::new(ch).add_learner(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn change_membership(
+        &mut self,
+        voters: Vec<u64>,
+        retain_as_learners: bool,
+    ) -> Result<pb::MembershipResponse> {
+        let req = pb::ChangeMembershipRequest { voters, retain_as_learners };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { ClusterClient::new(ch).change_membership(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+}

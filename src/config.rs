@@ -1,0 +1,213 @@
+//! Node configuration: a TOML file, overridden by command-line flags and
+//! environment variables (flags > env > file > defaults).
+//!
+//! ```toml
+//! id = 1
+//! cluster_id = "local"
+//! listen = "127.0.0.1:7001"
+//! data_dir = "/var/lib/tandem/node1"
+//!
+//! [raft]
+//! election_timeout_ms_min = 1000
+//! election_timeout_ms_max = 2000
+//!
+//! [limits]
+//! request_bytes_max = 1048576
+//! ```
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::error::Result;
+
+/// Longest cluster id accepted: it becomes part of every gid.
+pub const CLUSTER_ID_LEN_MAX: usize = 16;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's Raft id; unique in the cluster, never reused.
+    pub id: u64,
+    /// Names the cluster in gids and in Raft messages: 1 to 16 of `[a-z0-9]`.
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
+    /// Where this node serves gRPC, for clients and peers alike.
+    pub listen: SocketAddr,
+    /// The address peers and clients use to reach this node; `listen` if unset.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// RocksDB lives here.
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub raft: RaftConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// A follower that hears no leader for a random time in this range starts
+    /// an election. On small machines keep it at a second or more: a busy CPU
+    /// must not look like a dead leader.
+    pub election_timeout_ms_min: u64,
+    pub election_timeout_ms_max: u64,
+    pub heartbeat_interval_ms: u64,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_logs_since_last: u64,
+    /// Log entries kept behind a snapshot (so a briefly absent follower can
+    /// catch up from the log rather than from a snapshot).
+    pub logs_kept_after_snapshot: u64,
+    /// Most entries sent in one append request.
+    pub append_entries_max: u64,
+    /// Deadline of one node-to-node RPC.
+    pub rpc_timeout_ms: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            election_timeout_ms_min: 1000,
+            election_timeout_ms_max: 2000,
+            heartbeat_interval_ms: 250,
+            snapshot_logs_since_last: 10_000,
+            logs_kept_after_snapshot: 1_000,
+            append_entries_max: 1_000,
+            rpc_timeout_ms: 2_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest client request accepted, in bytes (encoded protobuf).
+    pub request_bytes_max: usize,
+    /// Largest page of a list request.
+    pub list_page_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { request_bytes_max: 1 << 20, list_page_max: 1000 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Completed records (and their idempotency keys) are kept this long.
+    pub completed_retention_s: u64,
+    /// How often the leader proposes `Forget` for records past retention.
+    pub forget_interval_s: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self { completed_retention_s: 24 * 3600, forget_interval_s: 60 }
+    }
+}
+
+fn default_cluster_id() -> String {
+    "tandem".to_string()
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::InvalidInput(format!("cannot read config {}: {e}", path.display())))?;
+        let config: NodeConfig =
+            toml::from_str(&text).map_err(|e| Error::InvalidInput(format!("config {}: {e}", path.display())))?;
+        Ok(config)
+    }
+
+    /// The address other nodes and clients use for this node.
+    pub fn advertise_addr(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |m: String| Err(Error::InvalidInput(m));
+        if self.id == 0 {
+            return invalid("id must be at least 1".into());
+        }
+        let c = &self.cluster_id;
+        if c.is_empty()
+            || c.len() > CLUSTER_ID_LEN_MAX
+            || !c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return invalid(format!("cluster_id {c:?} must be 1 to {CLUSTER_ID_LEN_MAX} characters of [a-z0-9]"));
+        }
+        let r = &self.raft;
+        if r.election_timeout_ms_min == 0 || r.election_timeout_ms_min >= r.election_timeout_ms_max {
+            return invalid(format!(
+                "raft.election_timeout_ms_min ({}) must be above 0 and below raft.election_timeout_ms_max ({})",
+                r.election_timeout_ms_min, r.election_timeout_ms_max
+            ));
+        }
+        if r.heartbeat_interval_ms == 0 || r.heartbeat_interval_ms * 2 > r.election_timeout_ms_min {
+            return invalid(format!(
+                "raft.heartbeat_interval_ms ({}) must be above 0 and at most half of raft.election_timeout_ms_min ({})",
+                r.heartbeat_interval_ms, r.election_timeout_ms_min
+            ));
+        }
+        if r.snapshot_logs_since_last == 0 || r.append_entries_max == 0 || r.rpc_timeout_ms == 0 {
+            return invalid(
+                "raft.snapshot_logs_since_last, raft.append_entries_max and raft.rpc_timeout_ms must be above 0".into(),
+            );
+        }
+        if self.limits.request_bytes_max < 1024 {
+            return invalid("limits.request_bytes_max must be at least 1024".into());
+        }
+        if self.limits.list_page_max == 0 {
+            return invalid("limits.list_page_max must be above 0".into());
+        }
+        if self.retention.forget_interval_s == 0 {
+            return invalid("retention.forget_interval_s must be above 0".into());
+        }
+        Ok(())
+    }
+
+    pub fn rpc_timeout(&self) -> Duration {
+        Duration::from_millis(self.raft.rpc_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig> {
+        let c: NodeConfig = toml::from_str(text).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = parse("id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n").unwrap();
+        assert_eq!(c.cluster_id, "tandem");
+        assert_eq!(c.raft.election_timeout_ms_min, 1000);
+        assert_eq!(c.advertise_addr(), "127.0.0.1:7001");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let base = "listen = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n";
+        assert!(parse(&format!("id = 0\n{base}")).is_err());
+        assert!(parse(&format!("id = 1\ncluster_id = \"Bad\"\n{base}")).is_err());
+        assert!(parse(&format!("id = 1\nunknown = 3\n{base}")).is_err());
+        assert!(
+            parse(&format!("id = 1\n{base}[raft]\nelection_timeout_ms_min = 2000\nelection_timeout_ms_max = 1000\n"))
+                .is_err()
+        );
+    }
+}

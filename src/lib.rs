@@ -1,0 +1,58 @@
+//! Tandem: a distributed transaction coordinator.
+//!
+//! A Raft-replicated cluster of coordinator nodes (normally three) that runs
+//! two-phase commit across the databases and services taking part in one
+//! business operation, so the operation lands everywhere or nowhere, also when
+//! a coordinator node dies in the middle of it.
+//!
+//! Today the crate holds the foundation: the replicated, durable *decision
+//! log* and the cluster that keeps it. The 2PC driver and the participant
+//! adapters build on it.
+//!
+//! # Module map
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`txn`] | the transaction model: txids, decisions, records (plain data) |
+//! | [`raft`] | openraft wiring: RocksDB log and state machine, node-to-node gRPC |
+//! | [`server`] | the node process: gRPC services, forwarding to the leader, upkeep |
+//! | [`client`] | the Rust client: any node, follows the leader, safe retries |
+//! | [`config`] | node configuration (TOML, flags, environment) |
+//! | [`error`] | the one error type and its gRPC status mapping |
+//! | [`proto`] | generated protobuf/gRPC code (`proto/tandem/v1`) |
+//!
+//! # Glossary
+//!
+//! | word | meaning |
+//! |---|---|
+//! | node | one Tandem process; the Raft leader drives transactions |
+//! | participant | a system that takes part in a transaction (a PostgreSQL database, a remote service) |
+//! | branch | one participant's share of one global transaction |
+//! | txid | the global transaction id, made by the coordinator: 1–48 of `[a-z0-9]` |
+//! | gid | the name of a prepared branch inside a participant, derived from cluster id + txid + branch number |
+//! | decision | COMMIT or ABORT for a txid, written once to the replicated log |
+//! | in doubt | a branch that is prepared and has not yet been told the decision |
+//!
+//! # Life of a decision
+//!
+//! 1. A request reaches any node. A follower forwards it to the leader (or
+//!    answers UNAVAILABLE with the leader's address).
+//! 2. The leader validates it, stamps the time, and proposes a
+//!    [`raft::Command`] through Raft.
+//! 3. Once a majority has the entry fsynced, it is committed; every node
+//!    applies it to its [`raft::StateMachine`]. A decision is a
+//!    compare-and-set: the first one for a txid holds, and the answer carries
+//!    the one that holds.
+//! 4. Later a `Complete` command marks phase 2 done, and after the retention
+//!    time a `Forget` command drops the record and its idempotency key.
+//!
+//! What the decision means for participants (PREPARE, COMMIT PREPARED,
+//! recovery) is the 2PC driver's job, built on this log.
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod proto;
+pub mod raft;
+pub mod server;
+pub mod txn;

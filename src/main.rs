@@ -1,0 +1,446 @@
+//! The `tandem` binary: `tandem serve` runs a node; the other subcommands are
+//! the command-line client.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use std::time::Instant;
+
+use clap::Args;
+use clap::Parser;
+use clap::Subcommand;
+use tandem::client::Client;
+use tandem::config::NodeConfig;
+use tandem::error::Error;
+use tandem::error::Result;
+use tandem::proto as pb;
+use tandem::txn::Branch;
+use tandem::txn::Decision;
+use tandem::txn::RecordState;
+use tandem::txn::TxId;
+
+#[derive(Parser)]
+#[command(name = "tandem", version, about = "A Raft-replicated distributed transaction coordinator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Serve(ServeArgs),
+    /// Cluster administration.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Read and write the replicated decision log directly (operators, tests).
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The node's TOML config file.
+    #[arg(long, env = "TANDEM_CONFIG")]
+    config: PathBuf,
+    /// Overrides `id` in the file.
+    #[arg(long, env = "TANDEM_ID")]
+    id: Option<u64>,
+    /// Overrides `listen` in the file.
+    #[arg(long, env = "TANDEM_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Overrides `advertise` in the file.
+    #[arg(long, env = "TANDEM_ADVERTISE")]
+    advertise: Option<String>,
+    /// Overrides `data_dir` in the file.
+    #[arg(long, env = "TANDEM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Overrides `cluster_id` in the file.
+    #[arg(long, env = "TANDEM_CLUSTER_ID")]
+    cluster_id: Option<String>,
+}
+
+#[derive(Args, Clone)]
+struct Nodes {
+    /// Addresses (host:port) of cluster nodes, comma-separated.
+    #[arg(
+        long,
+        env = "TANDEM_NODES",
+        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003",
+        value_delimiter = ','
+    )]
+    nodes: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Initialise a new cluster (once, on one of its members).
+    Init {
+        /// The node to run init on; must be one of the members.
+        #[arg(long)]
+        node: String,
+        /// Members as ID=HOST:PORT, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        members: Vec<String>,
+    },
+    /// The status of every node: role, term, leader, log and applied indexes, membership.
+    Status {
+        #[command(flatten)]
+        nodes: Nodes,
+        /// Wait up to this many seconds until the nodes agree on a leader.
+        #[arg(long)]
+        wait_leader: Option<u64>,
+        /// One JSON object per node instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a non-voting member; waits until it has caught up.
+    AddLearner {
+        #[command(flatten)]
+        nodes: Nodes,
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        addr: String,
+    },
+    /// Replace the set of voters (each must already be a member).
+    ChangeMembership {
+        #[command(flatten)]
+        nodes: Nodes,
+        /// Voter ids, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        voters: Vec<u64>,
+        /// Keep removed voters as learners.
+        #[arg(long)]
+        retain: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Record a decision (compare-and-set: the first decision for a txid holds).
+    Decide {
+        #[command(flatten)]
+        nodes: Nodes,
+        #[arg(long)]
+        txid: String,
+        /// Record COMMIT naming these participants' branches (comma-separated).
+        #[arg(long, value_delimiter = ',', conflicts_with = "abort")]
+        commit: Option<Vec<String>>,
+        #[arg(long, requires = "commit")]
+        idempotency_key: Option<String>,
+        /// Record ABORT with this reason.
+        #[arg(long)]
+        abort: Option<String>,
+    },
+    /// Mark a decided transaction complete.
+    Complete {
+        #[command(flatten)]
+        nodes: Nodes,
+        #[arg(long)]
+        txid: String,
+    },
+    /// Drop completed records older than the given age, with their idempotency keys.
+    Forget {
+        #[command(flatten)]
+        nodes: Nodes,
+        #[arg(long)]
+        older_than_s: u64,
+    },
+    /// One transaction's record.
+    Get {
+        #[command(flatten)]
+        nodes: Nodes,
+        txid: String,
+        /// Read the first node's own state machine (may lag).
+        #[arg(long)]
+        local: bool,
+    },
+    /// Records, ordered by txid.
+    List {
+        #[command(flatten)]
+        nodes: Nodes,
+        /// committed, aborted or completed.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long)]
+        local: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".parse().expect("static filter")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Cluster(c) => cluster(c).await,
+        Command::Log(c) => log(c).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = NodeConfig::load(&args.config)?;
+    if let Some(id) = args.id {
+        config.id = id;
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(a) = args.advertise {
+        config.advertise = Some(a);
+    }
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(c) = args.cluster_id {
+        config.cluster_id = c;
+    }
+    tandem::server::serve(config).await
+}
+
+fn parse_member(s: &str) -> Result<pb::Member> {
+    let (id, addr) =
+        s.split_once('=').ok_or_else(|| Error::InvalidInput(format!("member {s:?} is not ID=HOST:PORT")))?;
+    let id = id.trim().parse().map_err(|_| Error::InvalidInput(format!("member id {id:?} is not a number")))?;
+    Ok(pb::Member { id, addr: addr.trim().to_string() })
+}
+
+fn role_name(role: i32) -> &'static str {
+    match pb::Role::try_from(role).unwrap_or(pb::Role::Unspecified) {
+        pb::Role::Leader => "leader",
+        pb::Role::Follower => "follower",
+        pb::Role::Candidate => "candidate",
+        pb::Role::Learner => "learner",
+        pb::Role::Shutdown => "shutdown",
+        pb::Role::Unspecified => "?",
+    }
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or("-".to_string(), |v| v.to_string())
+}
+
+fn members(ms: &[pb::Member]) -> String {
+    ms.iter().map(|m| format!("{}={}", m.id, m.addr)).collect::<Vec<_>>().join(",")
+}
+
+/// Every node's status: the given nodes and every member they know of.
+async fn collect_status(seeds: &[String]) -> Vec<(String, Result<pb::NodeStatus>)> {
+    let mut addrs: Vec<String> = seeds.to_vec();
+    let mut out: Vec<(String, Result<pb::NodeStatus>)> = Vec::new();
+    let mut i = 0;
+    while i < addrs.len() {
+        let addr = addrs[i].clone();
+        i += 1;
+        let status = match Client::pinned(&addr) {
+            Ok(mut c) => tokio::time::timeout(Duration::from_secs(3), c.status())
+                .await
+                .unwrap_or_else(|_| Err(Error::Unavailable { message: "no answer in 3s".into(), leader: None })),
+            Err(e) => Err(e),
+        };
+        if let Ok(s) = &status {
+            for m in s.voters.iter().chain(&s.learners) {
+                if !addrs.contains(&m.addr) {
+                    addrs.push(m.addr.clone());
+                }
+            }
+        }
+        out.push((addr, status));
+    }
+    out
+}
+
+/// True when every answering node names the same leader, which answers too.
+fn agreed_leader(statuses: &[(String, Result<pb::NodeStatus>)]) -> Option<u64> {
+    let answering: Vec<&pb::NodeStatus> = statuses.iter().filter_map(|(_, s)| s.as_ref().ok()).collect();
+    let leader = answering.first()?.leader_id?;
+    let all_agree = answering.iter().all(|s| s.leader_id == Some(leader));
+    let leader_answers = answering.iter().any(|s| s.id == leader && s.role == pb::Role::Leader as i32);
+    (all_agree && leader_answers).then_some(leader)
+}
+
+async fn cluster(c: ClusterCommand) -> Result<()> {
+    match c {
+        ClusterCommand::Init { node, members } => {
+            let members = members.iter().map(|m| parse_member(m)).collect::<Result<Vec<_>>>()?;
+            Client::pinned(&node)?.init(members).await?;
+            println!("initialised; a leader will be elected within the election timeout");
+            Ok(())
+        }
+        ClusterCommand::Status { nodes, wait_leader, json } => {
+            let deadline = Instant::now() + Duration::from_secs(wait_leader.unwrap_or(0));
+            let statuses = loop {
+                let statuses = collect_status(&nodes.nodes).await;
+                if wait_leader.is_none() || agreed_leader(&statuses).is_some() {
+                    break statuses;
+                }
+                if Instant::now() >= deadline {
+                    print_status(&statuses, json);
+                    return Err(Error::Unavailable {
+                        message: format!("no agreed leader after {}s", wait_leader.unwrap_or(0)),
+                        leader: None,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            print_status(&statuses, json);
+            Ok(())
+        }
+        ClusterCommand::AddLearner { nodes, id, addr } => {
+            let resp = Client::new(&nodes.nodes)?.add_learner(pb::Member { id, addr }).await?;
+            println!(
+                "log index {}: voters {} learners {}",
+                resp.log_index,
+                members(&resp.voters),
+                members(&resp.learners)
+            );
+            Ok(())
+        }
+        ClusterCommand::ChangeMembership { nodes, voters, retain } => {
+            let resp = Client::new(&nodes.nodes)?.change_membership(voters, retain).await?;
+            println!(
+                "log index {}: voters {} learners {}",
+                resp.log_index,
+                members(&resp.voters),
+                members(&resp.learners)
+            );
+            Ok(())
+        }
+    }
+}
+
+fn print_status(statuses: &[(String, Result<pb::NodeStatus>)], json: bool) {
+    if !json {
+        println!(
+            "{:<4} {:<22} {:<10} {:>5} {:>6} {:>9} {:>9} {:>9} {:>8}  membership",
+            "id", "addr", "role", "term", "leader", "last_log", "applied", "snapshot", "records"
+        );
+    }
+    for (addr, status) in statuses {
+        match status {
+            Ok(s) if json => println!(
+                "{{\"id\":{},\"addr\":\"{}\",\"role\":\"{}\",\"term\":{},\"leader\":{},\"last_log_index\":{},\"applied_index\":{},\"initialized\":{}}}",
+                s.id,
+                s.addr,
+                role_name(s.role),
+                s.term,
+                s.leader_id.map_or("null".into(), |l| l.to_string()),
+                s.last_log_index.map_or("null".into(), |l| l.to_string()),
+                s.applied_index.map_or("null".into(), |l| l.to_string()),
+                s.initialized
+            ),
+            Ok(s) => println!(
+                "{:<4} {:<22} {:<10} {:>5} {:>6} {:>9} {:>9} {:>9} {:>8}  voters {} learners {}",
+                s.id,
+                s.addr,
+                if s.initialized { role_name(s.role) } else { "uninit" },
+                s.term,
+                opt(s.leader_id),
+                opt(s.last_log_index),
+                opt(s.applied_index),
+                opt(s.snapshot_index),
+                s.records,
+                members(&s.voters),
+                members(&s.learners),
+            ),
+            Err(e) if json => println!("{{\"addr\":\"{addr}\",\"error\":{:?}}}", e.to_string()),
+            Err(e) => println!("?    {addr:<22} unreachable: {e}"),
+        }
+    }
+}
+
+fn print_record(r: &tandem::txn::TxnRecord) {
+    let decision = match &r.decision {
+        Decision::Commit { branches, idempotency_key } => format!(
+            "COMMIT branches={}{}",
+            branches.iter().map(|b| b.participant.as_str()).collect::<Vec<_>>().join(","),
+            idempotency_key.as_ref().map(|k| format!(" key={k}")).unwrap_or_default()
+        ),
+        Decision::Abort { reason } => format!("ABORT reason={reason:?}"),
+    };
+    println!(
+        "{} {} {} decided_unix_ms={} completed_unix_ms={} log_index={}",
+        r.txid,
+        r.state(),
+        decision,
+        r.decided_unix_ms,
+        opt(r.completed_unix_ms),
+        r.decided_log_index
+    );
+}
+
+async fn log(c: LogCommand) -> Result<()> {
+    match c {
+        LogCommand::Decide { nodes, txid, commit, idempotency_key, abort } => {
+            let txid = TxId::parse(&txid)?;
+            let decision = match (commit, abort) {
+                (Some(branches), None) => Decision::Commit {
+                    branches: branches.into_iter().map(|participant| Branch { participant }).collect(),
+                    idempotency_key,
+                },
+                (None, Some(reason)) => Decision::Abort { reason },
+                _ => return Err(Error::InvalidInput("give exactly one of --commit or --abort".into())),
+            };
+            let (won, record) = Client::new(&nodes.nodes)?.decide(&txid, &decision).await?;
+            print!("{} ", if won { "won" } else { "lost" });
+            print_record(&record);
+            Ok(())
+        }
+        LogCommand::Complete { nodes, txid } => {
+            let record = Client::new(&nodes.nodes)?.complete(&TxId::parse(&txid)?).await?;
+            print_record(&record);
+            Ok(())
+        }
+        LogCommand::Forget { nodes, older_than_s } => {
+            let before = tandem::server::now_unix_ms().saturating_sub(older_than_s.saturating_mul(1000));
+            let n = Client::new(&nodes.nodes)?.forget(before).await?;
+            println!("forgot {n} records");
+            Ok(())
+        }
+        LogCommand::Get { nodes, txid, local } => {
+            let txid = TxId::parse(&txid)?;
+            let mut client = if local { Client::pinned(&nodes.nodes[0])? } else { Client::new(&nodes.nodes)? };
+            match client.get_record(&txid, local).await? {
+                Some(r) => {
+                    print_record(&r);
+                    Ok(())
+                }
+                None => Err(Error::NotFound(format!("no decision recorded for txid {txid}"))),
+            }
+        }
+        LogCommand::List { nodes, state, limit, after, local } => {
+            let state = state.as_deref().map(RecordState::parse).transpose()?;
+            let after = after.as_deref().map(TxId::parse).transpose()?;
+            let mut client = if local { Client::pinned(&nodes.nodes[0])? } else { Client::new(&nodes.nodes)? };
+            let page = client.list_records(state, after.as_ref(), limit, local).await?;
+            for r in &page.records {
+                print_record(r);
+            }
+            if let Some(next) = page.next_after {
+                println!("(more: --after {next})");
+            }
+            Ok(())
+        }
+    }
+}

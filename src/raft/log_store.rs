@@ -1,0 +1,275 @@
+//! The Raft log and vote, in RocksDB.
+//!
+//! Durability is the whole point of this file. openraft may count a node's
+//! log entries towards a commit only once they are on disk, and may count its
+//! vote only once the vote is on disk; otherwise a crash could make a node
+//! forget a promise and elect two leaders, or lose an acknowledged decision.
+//!
+//! - `append` writes the entries to RocksDB (unsynced) before it returns, so
+//!   they can be read back at once, and hands the completion callback to the
+//!   flusher thread. The flusher fsyncs the write-ahead log
+//!   (`flush_wal(true)`) and only then reports the entries flushed. Callbacks
+//!   that queue up while one fsync runs share the next one: under load many
+//!   appends cost one fsync.
+//! - `save_vote` fsyncs before it returns.
+//! - An fsync failure poisons the store: every later append and vote fails,
+//!   openraft stops the node, and nothing is acknowledged after the failure.
+//!
+//! RocksDB calls block, so they run on tokio's blocking pool or on the flusher
+//! thread, never on the async workers.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::Bound;
+use std::ops::RangeBounds;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+
+use openraft::LogState;
+use openraft::OptionalSend;
+use openraft::RaftLogReader;
+use openraft::entry::RaftEntry;
+use openraft::storage::IOFlushed;
+use openraft::storage::RaftLogStorage;
+use openraft::type_config::alias::EntryOf;
+use openraft::type_config::alias::LogIdOf;
+use openraft::type_config::alias::VoteOf;
+use rocksdb::DB;
+use rocksdb::Direction;
+use rocksdb::IteratorMode;
+use rocksdb::WriteBatch;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::TypeConfig;
+use super::cf;
+
+type Entry = EntryOf<TypeConfig>;
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+    flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
+    poisoned: Arc<AtomicBool>,
+}
+
+impl LogStore {
+    pub(crate) fn new(db: Arc<DB>) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let flusher_db = db.clone();
+        let flusher_poisoned = poisoned.clone();
+        std::thread::Builder::new()
+            .name("tandem-log-flusher".into())
+            .spawn(move || run_flusher(flusher_db, rx, flusher_poisoned))
+            .expect("spawning the log flusher thread");
+        Self { db, flusher: tx, poisoned }
+    }
+
+    fn check_poisoned(&self) -> io::Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(io::Error::other("an earlier fsync of the Raft log failed; the node stops"));
+        }
+        Ok(())
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> io::Result<T>
+    where
+        F: FnOnce(&DB) -> io::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(io::Error::other)?
+    }
+
+    async fn get_meta<T: DeserializeOwned + Send + 'static>(&self, key: &'static [u8]) -> io::Result<Option<T>> {
+        self.blocking(move |db| {
+            let cf = db.cf_handle(cf::RAFT_META).expect("raft_meta column family");
+            match db.get_cf(&cf, key).map_err(io::Error::other)? {
+                Some(bytes) => Ok(Some(decode(&bytes)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn put_meta<T: Serialize>(&self, key: &'static [u8], value: &T, sync: bool) -> io::Result<()> {
+        let bytes = encode(value)?;
+        self.blocking(move |db| {
+            let cf = db.cf_handle(cf::RAFT_META).expect("raft_meta column family");
+            db.put_cf(&cf, key, bytes).map_err(io::Error::other)?;
+            if sync {
+                db.flush_wal(true).map_err(io::Error::other)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Fsyncs the write-ahead log for every queued append, one fsync for all
+/// callbacks waiting at that moment, in order.
+fn run_flusher(db: Arc<DB>, rx: mpsc::Receiver<IOFlushed<TypeConfig>>, poisoned: Arc<AtomicBool>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        waiting.extend(rx.try_iter());
+        let result = if poisoned.load(Ordering::Acquire) {
+            Err("an earlier fsync of the Raft log failed".to_string())
+        } else {
+            db.flush_wal(true).map_err(|e| e.to_string())
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "fsync of the Raft log failed; the node stops taking writes");
+            poisoned.store(true, Ordering::Release);
+        }
+        for callback in waiting {
+            callback.io_completed(result.clone().map_err(io::Error::other));
+        }
+    }
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn key_index(key: &[u8]) -> io::Result<u64> {
+    let bytes: [u8; 8] =
+        key.try_into().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "raft_log key is not 8 bytes"))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> io::Result<Vec<Entry>> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => x.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let range = (range.start_bound().cloned(), range.end_bound().cloned());
+        self.blocking(move |db| {
+            let cf = db.cf_handle(cf::RAFT_LOG).expect("raft_log column family");
+            let mut entries = Vec::new();
+            let from = index_key(start);
+            for item in db.iterator_cf(&cf, IteratorMode::From(&from, Direction::Forward)) {
+                let (key, value) = item.map_err(io::Error::other)?;
+                let index = key_index(&key)?;
+                if !range.contains(&index) {
+                    break;
+                }
+                let entry: Entry = decode(&value)?;
+                debug_assert_eq!(entry.index(), index);
+                entries.push(entry);
+            }
+            Ok(entries)
+        })
+        .await
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<VoteOf<TypeConfig>>> {
+        self.get_meta(KEY_VOTE).await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
+        let last_purged_log_id: Option<LogIdOf<TypeConfig>> = self.get_meta(KEY_LAST_PURGED).await?;
+        let last = self
+            .blocking(|db| {
+                let cf = db.cf_handle(cf::RAFT_LOG).expect("raft_log column family");
+                match db.iterator_cf(&cf, IteratorMode::End).next() {
+                    Some(item) => {
+                        let (_, value) = item.map_err(io::Error::other)?;
+                        let entry: Entry = decode(&value)?;
+                        Ok(Some(entry.log_id()))
+                    }
+                    None => Ok(None),
+                }
+            })
+            .await?;
+        Ok(LogState { last_log_id: last.or(last_purged_log_id), last_purged_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> io::Result<()> {
+        self.check_poisoned()?;
+        self.put_meta(KEY_VOTE, vote, true).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> io::Result<()> {
+        // Not synced: it only lets a restarted node re-apply sooner; losing it
+        // loses nothing.
+        self.put_meta(KEY_COMMITTED, &committed, false).await
+    }
+
+    async fn read_committed(&mut self) -> io::Result<Option<LogIdOf<TypeConfig>>> {
+        Ok(self.get_meta::<Option<LogIdOf<TypeConfig>>>(KEY_COMMITTED).await?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        self.check_poisoned()?;
+        let mut encoded = Vec::new();
+        for entry in entries {
+            encoded.push((index_key(entry.index()), encode(&entry)?));
+        }
+        self.blocking(move |db| {
+            let cf = db.cf_handle(cf::RAFT_LOG).expect("raft_log column family");
+            let mut batch = WriteBatch::default();
+            for (key, value) in encoded {
+                batch.put_cf(&cf, key, value);
+            }
+            db.write(batch).map_err(io::Error::other)
+        })
+        .await?;
+        self.flusher.send(callback).map_err(|_| io::Error::other("the log flusher thread is gone"))?;
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<TypeConfig>>) -> io::Result<()> {
+        let from = last_log_id.map_or(0, |id| id.index() + 1);
+        self.blocking(move |db| {
+            let cf = db.cf_handle(cf::RAFT_LOG).expect("raft_log column family");
+            db.delete_range_cf(&cf, index_key(from), index_key(u64::MAX)).map_err(io::Error::other)?;
+            // u64::MAX itself is excluded by the range end.
+            db.delete_cf(&cf, index_key(u64::MAX)).map_err(io::Error::other)
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogIdOf<TypeConfig>) -> io::Result<()> {
+        // Record the purge point first: entries at or before it are ignored
+        // from then on, so the deletion need not be atomic with it.
+        self.put_meta(KEY_LAST_PURGED, &log_id, false).await?;
+        let to = log_id.index() + 1;
+        self.blocking(move |db| {
+            let cf = db.cf_handle(cf::RAFT_LOG).expect("raft_log column family");
+            db.delete_range_cf(&cf, index_key(0), index_key(to)).map_err(io::Error::other)
+        })
+        .await
+    }
+}

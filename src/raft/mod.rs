@@ -1,0 +1,210 @@
+//! Raft: the replicated, durable decision log.
+//!
+//! Every Tandem node runs one openraft instance. The leader appends commands
+//! to the log; once a majority has them durably on disk the entry is
+//! committed, and every node applies it, in log order, to its state machine,
+//! the *decision log* ([`state_machine`]).
+//!
+//! All openraft wiring lives in this module:
+//!
+//! - [`TypeConfig`]: the types openraft is instantiated with. A node is a
+//!   `u64` id plus the address (`host:port`) of its gRPC server.
+//! - [`log_store`]: the Raft log and vote in RocksDB. An append is written to
+//!   RocksDB before it returns (so it can be read back) and reported durable
+//!   only after the write-ahead log is fsynced; one fsync covers every append
+//!   queued behind it (group commit).
+//! - [`state_machine`]: applies [`Command`]s to transaction records in RocksDB,
+//!   builds and installs snapshots. Once a snapshot covers a stretch of log,
+//!   openraft purges that stretch, so disk use stays bounded.
+//! - [`network`]: node-to-node RPC (vote, append, snapshot) over tonic, one
+//!   cached channel per peer; [`service`] is the server side.
+//!
+//! # Why apply must be deterministic
+//!
+//! Every node applies the same entries, at start-up again from its last
+//! applied point, and a lagging node from a snapshot. If apply consulted the
+//! clock, a participant or anything but the command and the state machine
+//! itself, two nodes could reach different decisions for one transaction,
+//! and a new leader would act on a decision the old one never made. So a
+//! command carries every input apply needs, including the time, which the
+//! leader stamps when it proposes the command.
+//!
+//! # Storage layout
+//!
+//! One RocksDB database per node, with column families:
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `raft_log` | log index (u64, big-endian) | entry (JSON) |
+//! | `raft_meta` | `vote`, `committed`, `last_purged` | JSON |
+//! | `sm_records` | txid | [`crate::txn::TxnRecord`] (JSON) |
+//! | `sm_keys` | idempotency key | txid |
+//! | `sm_completed` | completed time (u64 BE) + txid | empty |
+//! | `sm_meta` | `last_applied`, `membership`, `snapshot` | JSON |
+//!
+//! The log and the state machine share one write-ahead log, so a crash
+//! recovers a prefix of all writes: the state machine is never ahead of a
+//! purge, and whatever it lost is re-applied from the log.
+
+pub mod log_store;
+pub mod network;
+pub mod service;
+pub mod state_machine;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::ColumnFamilyDescriptor;
+use rocksdb::DB;
+use rocksdb::Options;
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::txn::Decision;
+use crate::txn::TxId;
+use crate::txn::TxnRecord;
+
+pub use log_store::LogStore;
+pub use state_machine::StateMachine;
+
+/// The node description carried in the membership: where it serves gRPC.
+pub type Node = openraft::impls::BasicNode;
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// openraft instantiated for Tandem.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+        NodeId = NodeId,
+        Node = Node,
+);
+
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
+
+/// The command encoding this build writes and understands.
+pub const COMMAND_VERSION: u32 = 1;
+
+/// A replicated command: one entry of the decision log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Encoding version. A node that meets a version it does not know stops
+    /// applying (fail-stop) rather than skip the entry and diverge.
+    pub version: u32,
+    /// Unix milliseconds, stamped by the leader when it proposed the command.
+    /// The only clock apply ever sees.
+    pub at_unix_ms: u64,
+    pub op: Op,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Record a decision: a compare-and-set, the first one for a txid holds.
+    Decide { txid: TxId, decision: Decision },
+    /// Phase 2 is done on every branch.
+    Complete { txid: TxId },
+    /// Drop completed records completed before this time, with their
+    /// idempotency keys.
+    Forget { before_unix_ms: u64 },
+}
+
+impl Command {
+    pub fn new(at_unix_ms: u64, op: Op) -> Self {
+        Self { version: COMMAND_VERSION, at_unix_ms, op }
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.op {
+            Op::Decide { txid, decision } => {
+                let kind = if decision.is_commit() { "commit" } else { "abort" };
+                write!(f, "decide {txid} {kind}")
+            }
+            Op::Complete { txid } => write!(f, "complete {txid}"),
+            Op::Forget { before_unix_ms } => write!(f, "forget before {before_unix_ms}"),
+        }
+    }
+}
+
+/// What applying a command answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResponse {
+    /// The decision that holds for the txid. `won` is true if it is the
+    /// decision (commit or abort) the command asked for.
+    Decided {
+        won: bool,
+        record: TxnRecord,
+    },
+    /// The COMMIT's idempotency key belongs to another committed txid;
+    /// nothing was recorded.
+    IdempotencyConflict {
+        key: String,
+        txid: TxId,
+    },
+    Completed {
+        record: TxnRecord,
+    },
+    /// `Complete` for a txid with no record.
+    NotFound {
+        txid: TxId,
+    },
+    Forgotten {
+        count: u64,
+    },
+    /// The command was refused as invalid; nothing changed. Only a
+    /// misbehaving proposer gets this: the API validates first.
+    Invalid {
+        reason: String,
+    },
+    /// Blank and membership entries.
+    Empty,
+}
+
+/// Column families of the node's database.
+pub(crate) mod cf {
+    pub const RAFT_LOG: &str = "raft_log";
+    pub const RAFT_META: &str = "raft_meta";
+    pub const SM_RECORDS: &str = "sm_records";
+    pub const SM_KEYS: &str = "sm_keys";
+    pub const SM_COMPLETED: &str = "sm_completed";
+    pub const SM_META: &str = "sm_meta";
+    pub const ALL: [&str; 6] = [RAFT_LOG, RAFT_META, SM_RECORDS, SM_KEYS, SM_COMPLETED, SM_META];
+}
+
+/// Opens (or creates) the node's RocksDB and returns its log store and state
+/// machine.
+pub fn open_store(dir: &Path) -> Result<(LogStore, StateMachine)> {
+    std::fs::create_dir_all(dir)?;
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // Bounded memory: small write buffers; the decision log is small.
+    opts.set_write_buffer_size(16 << 20);
+    opts.set_max_write_buffer_number(3);
+    opts.set_keep_log_file_num(4);
+    let cfs = cf::ALL.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+    let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?);
+    Ok((LogStore::new(db.clone()), StateMachine::new(db)))
+}
+
+/// Builds openraft's config from ours.
+pub fn raft_config(config: &crate::config::NodeConfig) -> Result<openraft::Config> {
+    let r = &config.raft;
+    let raft = openraft::Config {
+        cluster_name: config.cluster_id.clone(),
+        election_timeout_min: r.election_timeout_ms_min,
+        election_timeout_max: r.election_timeout_ms_max,
+        heartbeat_interval: r.heartbeat_interval_ms,
+        install_snapshot_timeout: r.rpc_timeout_ms * 5,
+        max_payload_entries: r.append_entries_max,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: r.logs_kept_after_snapshot,
+        enable_pre_vote: Some(true),
+        ..Default::default()
+    };
+    raft.validate().map_err(|e| crate::error::Error::InvalidInput(format!("raft config: {e}")))
+}

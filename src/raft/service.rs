@@ -1,0 +1,83 @@
+//! Node-to-node Raft RPC, server side: decodes openraft's messages and hands
+//! them to the local Raft instance. See [`super::network`] for the encoding.
+
+use std::io::Cursor;
+
+use openraft::type_config::alias::SnapshotMetaOf;
+use openraft::type_config::alias::SnapshotOf;
+use openraft::type_config::alias::VoteOf;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_stream::StreamExt;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+use tonic::Streaming;
+
+use super::Raft;
+use super::TypeConfig;
+use crate::proto::RaftPayload;
+use crate::proto::SnapshotChunk;
+use crate::proto::raft_server;
+
+/// Largest snapshot a node accepts.
+const SNAPSHOT_BYTES_MAX: usize = 1 << 30;
+
+pub struct RaftService {
+    raft: Raft,
+}
+
+impl RaftService {
+    pub fn new(raft: Raft) -> Self {
+        Self { raft }
+    }
+}
+
+fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Status> {
+    serde_json::from_slice(payload).map_err(|e| Status::invalid_argument(format!("undecodable Raft message: {e}")))
+}
+
+fn reply<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
+    let data = serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(RaftPayload { data }))
+}
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(&request.get_ref().data)?;
+        reply(&self.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(&request.get_ref().data)?;
+        reply(&self.raft.vote(rpc).await)
+    }
+
+    async fn pre_vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(&request.get_ref().data)?;
+        reply(&self.raft.pre_vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let mut stream = request.into_inner();
+        let Some(first) = stream.next().await.transpose()? else {
+            return Err(Status::invalid_argument("empty snapshot stream"));
+        };
+        let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) = decode(&first.header)?;
+        let mut data = first.data;
+        while let Some(chunk) = stream.next().await.transpose()? {
+            if data.len() + chunk.data.len() > SNAPSHOT_BYTES_MAX {
+                return Err(Status::resource_exhausted("snapshot over 1 GiB"));
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        let snapshot = SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> { meta, snapshot: Cursor::new(data) };
+        let result = self.raft.install_full_snapshot(vote, snapshot).await;
+        let result: Result<_, openraft::errors::RaftError<TypeConfig>> = result.map_err(Into::into);
+        reply(&result)
+    }
+}

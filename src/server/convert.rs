@@ -1,0 +1,102 @@
+//! Conversions between protobuf messages and domain types, all in one place.
+
+use crate::error::Error;
+use crate::error::Result;
+use crate::proto as pb;
+use crate::raft::COMMAND_VERSION;
+use crate::raft::Node;
+use crate::raft::NodeId;
+use crate::txn::Branch;
+use crate::txn::Decision;
+use crate::txn::RecordState;
+use crate::txn::TxId;
+use crate::txn::TxnRecord;
+
+/// Checks a request's command version: 0 means the current one.
+pub fn command_version(version: u32) -> Result<()> {
+    if version == 0 || version == COMMAND_VERSION {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "unsupported command version {version}; this node speaks version {COMMAND_VERSION}"
+        )))
+    }
+}
+
+pub fn decision_from_pb(d: Option<pb::Decision>) -> Result<Decision> {
+    let kind = d.and_then(|d| d.kind).ok_or_else(|| Error::InvalidInput("decision is missing".into()))?;
+    let decision = match kind {
+        pb::decision::Kind::Commit(c) => Decision::Commit {
+            branches: c.branches.into_iter().map(|b| Branch { participant: b.participant }).collect(),
+            idempotency_key: Some(c.idempotency_key).filter(|k| !k.is_empty()),
+        },
+        pb::decision::Kind::Abort(a) => Decision::Abort { reason: a.reason },
+    };
+    decision.validate()?;
+    Ok(decision)
+}
+
+pub fn decision_to_pb(d: &Decision) -> pb::Decision {
+    let kind = match d {
+        Decision::Commit { branches, idempotency_key } => pb::decision::Kind::Commit(pb::Commit {
+            branches: branches.iter().map(|b| pb::Branch { participant: b.participant.clone() }).collect(),
+            idempotency_key: idempotency_key.clone().unwrap_or_default(),
+        }),
+        Decision::Abort { reason } => pb::decision::Kind::Abort(pb::Abort { reason: reason.clone() }),
+    };
+    pb::Decision { kind: Some(kind) }
+}
+
+pub fn state_to_pb(s: RecordState) -> pb::RecordState {
+    match s {
+        RecordState::Committed => pb::RecordState::Committed,
+        RecordState::Aborted => pb::RecordState::Aborted,
+        RecordState::Completed => pb::RecordState::Completed,
+    }
+}
+
+pub fn state_from_pb(s: i32) -> Result<Option<RecordState>> {
+    match pb::RecordState::try_from(s) {
+        Ok(pb::RecordState::Unspecified) => Ok(None),
+        Ok(pb::RecordState::Committed) => Ok(Some(RecordState::Committed)),
+        Ok(pb::RecordState::Aborted) => Ok(Some(RecordState::Aborted)),
+        Ok(pb::RecordState::Completed) => Ok(Some(RecordState::Completed)),
+        Err(_) => Err(Error::InvalidInput(format!("unknown record state {s}"))),
+    }
+}
+
+pub fn record_to_pb(r: &TxnRecord) -> pb::TxnRecord {
+    pb::TxnRecord {
+        txid: r.txid.to_string(),
+        decision: Some(decision_to_pb(&r.decision)),
+        state: state_to_pb(r.state()) as i32,
+        decided_unix_ms: r.decided_unix_ms,
+        completed_unix_ms: r.completed_unix_ms,
+        decided_log_index: r.decided_log_index,
+    }
+}
+
+pub fn record_from_pb(r: pb::TxnRecord) -> Result<TxnRecord> {
+    Ok(TxnRecord {
+        txid: TxId::parse(&r.txid)?,
+        decision: decision_from_pb(r.decision)?,
+        decided_unix_ms: r.decided_unix_ms,
+        completed_unix_ms: r.completed_unix_ms,
+        decided_log_index: r.decided_log_index,
+    })
+}
+
+pub fn member_to_pb(id: NodeId, node: &Node) -> pb::Member {
+    pb::Member { id, addr: node.addr.clone() }
+}
+
+pub fn member_from_pb(m: &pb::Member) -> Result<(NodeId, Node)> {
+    if m.id == 0 {
+        return Err(Error::InvalidInput("member id must be at least 1".into()));
+    }
+    if m.addr.is_empty() {
+        return Err(Error::InvalidInput(format!("member {} has no address", m.id)));
+    }
+    crate::raft::network::endpoint(&m.addr)?;
+    Ok((m.id, Node { addr: m.addr.clone() }))
+}

@@ -1,0 +1,159 @@
+//! The `tandem.v1.DecisionLog` service: the replicated decision log, for
+//! operators and tests.
+
+use std::sync::Arc;
+
+use prost::Message;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+
+use super::Node;
+use super::convert;
+use super::forward;
+use crate::error::Error;
+use crate::error::Result;
+use crate::proto as pb;
+use crate::proto::decision_log_client::DecisionLogClient;
+use crate::raft::CommandResponse;
+use crate::raft::Op;
+use crate::txn::TxId;
+
+/// Records per page when a list request names no limit.
+const LIST_PAGE_DEFAULT: u32 = 100;
+
+pub struct DecisionLogService {
+    node: Arc<Node>,
+}
+
+impl DecisionLogService {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+/// What a command's response must be; anything else is a bug.
+fn unexpected(resp: CommandResponse) -> Error {
+    Error::Internal(format!("unexpected state machine response {resp:?}"))
+}
+
+/// Runs a handler's local part; on a "not the leader" error, forwards the
+/// request to the leader once.
+macro_rules! local_or_forward {
+    ($self:ident, $request:ident, $local:expr, $method:ident) => {{
+        match $local {
+            Ok(resp) => Ok(Response::new(resp)),
+            Err(e) => {
+                match $self.node.forward_target(&$request, &e) {
+                    Some(ch) => {
+                        forward(ch, $request.into_inner(), e, |ch, r| async move {
+                            DecisionLogClient::new(ch).$method(r).await
+                        })
+                        .await
+                    }
+                    None => Err(e.into()),
+                }
+            }
+        }
+    }};
+}
+
+impl DecisionLogService {
+    async fn decide_local(&self, req: &pb::DecideRequest) -> Result<pb::DecideResponse> {
+        self.node.check_request_size(req.encoded_len())?;
+        convert::command_version(req.version)?;
+        let txid = TxId::parse(&req.txid)?;
+        let decision = convert::decision_from_pb(req.decision.clone())?;
+        match self.node.propose(Op::Decide { txid, decision }).await? {
+            CommandResponse::Decided { won, record } => {
+                Ok(pb::DecideResponse { won, record: Some(convert::record_to_pb(&record)) })
+            }
+            CommandResponse::IdempotencyConflict { key, txid } => {
+                Err(Error::AlreadyExists(format!("idempotency key {key:?} is already bound to committed txid {txid}")))
+            }
+            CommandResponse::Invalid { reason } => Err(Error::InvalidInput(reason)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn complete_local(&self, req: &pb::CompleteRequest) -> Result<pb::CompleteResponse> {
+        self.node.check_request_size(req.encoded_len())?;
+        convert::command_version(req.version)?;
+        let txid = TxId::parse(&req.txid)?;
+        match self.node.propose(Op::Complete { txid }).await? {
+            CommandResponse::Completed { record } => {
+                Ok(pb::CompleteResponse { record: Some(convert::record_to_pb(&record)) })
+            }
+            CommandResponse::NotFound { txid } => Err(Error::NotFound(format!("no decision recorded for txid {txid}"))),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn forget_local(&self, req: &pb::ForgetRequest) -> Result<pb::ForgetResponse> {
+        convert::command_version(req.version)?;
+        match self.node.propose(Op::Forget { before_unix_ms: req.before_unix_ms }).await? {
+            CommandResponse::Forgotten { count } => Ok(pb::ForgetResponse { forgotten: count }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn get_local(&self, req: &pb::GetRecordRequest) -> Result<pb::TxnRecord> {
+        let txid = TxId::parse(&req.txid)?;
+        if !req.local {
+            self.node.linearize().await?;
+        }
+        match self.node.state_machine.get(txid.clone()).await? {
+            Some(r) => Ok(convert::record_to_pb(&r)),
+            None => Err(Error::NotFound(format!("no decision recorded for txid {txid}"))),
+        }
+    }
+
+    async fn list_local(&self, req: &pb::ListRecordsRequest) -> Result<pb::ListRecordsResponse> {
+        let state = convert::state_from_pb(req.state)?;
+        let after = if req.after.is_empty() { None } else { Some(TxId::parse(&req.after)?) };
+        let max = self.node.config.limits.list_page_max;
+        let limit = match req.limit {
+            0 => LIST_PAGE_DEFAULT.min(max),
+            n if n > max => {
+                return Err(Error::InvalidInput(format!("limit {n} is over the limit limits.list_page_max = {max}")));
+            }
+            n => n,
+        };
+        if !req.local {
+            self.node.linearize().await?;
+        }
+        let records = self.node.state_machine.list(state, after, limit as usize).await?;
+        let next_after = if records.len() == limit as usize {
+            records.last().map(|r| r.txid.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListRecordsResponse { records: records.iter().map(convert::record_to_pb).collect(), next_after })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::decision_log_server::DecisionLog for DecisionLogService {
+    async fn decide(&self, request: Request<pb::DecideRequest>) -> Result<Response<pb::DecideResponse>, Status> {
+        local_or_forward!(self, request, self.decide_local(request.get_ref()).await, decide)
+    }
+
+    async fn complete(&self, request: Request<pb::CompleteRequest>) -> Result<Response<pb::CompleteResponse>, Status> {
+        local_or_forward!(self, request, self.complete_local(request.get_ref()).await, complete)
+    }
+
+    async fn forget(&self, request: Request<pb::ForgetRequest>) -> Result<Response<pb::ForgetResponse>, Status> {
+        local_or_forward!(self, request, self.forget_local(request.get_ref()).await, forget)
+    }
+
+    async fn get_record(&self, request: Request<pb::GetRecordRequest>) -> Result<Response<pb::TxnRecord>, Status> {
+        local_or_forward!(self, request, self.get_local(request.get_ref()).await, get_record)
+    }
+
+    async fn list_records(
+        &self,
+        request: Request<pb::ListRecordsRequest>,
+    ) -> Result<Response<pb::ListRecordsResponse>, Status> {
+        local_or_forward!(self, request, self.list_local(request.get_ref()).await, list_records)
+    }
+}

@@ -1,0 +1,256 @@
+//! The node process: Raft, the gRPC services and background upkeep.
+//!
+//! One port per node serves everything: the client-facing services
+//! ([`cluster`], [`decision_log`]), the node-to-node Raft service, gRPC health
+//! and server reflection (so `grpcurl` can list and call the services).
+//!
+//! Any node takes any request. A write (or a linearizable read) that reaches
+//! a follower is forwarded once to the leader over the cached peer channel;
+//! if that fails, or there is no leader yet, the answer is UNAVAILABLE with
+//! the leader's address (when known) in the `x-tandem-leader-addr` metadata
+//! entry, which [`crate::client`] follows.
+
+pub mod cluster;
+pub mod convert;
+pub mod decision_log;
+
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::SystemTime;
+use std::time::UNIX_EPOCH;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::ClientWriteError;
+use openraft::errors::ForwardToLeader;
+use openraft::errors::RaftError;
+use tokio::net::TcpListener;
+use tonic::Request;
+use tonic::transport::Channel;
+
+use crate::config::NodeConfig;
+use crate::error::Error;
+use crate::error::LeaderHint;
+use crate::error::Result;
+use crate::proto;
+use crate::raft::Command;
+use crate::raft::CommandResponse;
+use crate::raft::Op;
+use crate::raft::Raft;
+use crate::raft::StateMachine;
+use crate::raft::TypeConfig;
+use crate::raft::network::NetworkFactory;
+use crate::raft::network::PeerChannels;
+use crate::raft::network::RAFT_MESSAGE_BYTES_MAX;
+use crate::raft::service::RaftService;
+
+/// Metadata key marking a request a follower forwarded to the leader, so it
+/// is forwarded at most once.
+const FORWARDED_KEY: &str = "x-tandem-forwarded";
+
+/// What every service of a node shares.
+pub struct Node {
+    pub config: NodeConfig,
+    pub raft: Raft,
+    pub state_machine: StateMachine,
+    pub peers: PeerChannels,
+}
+
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Node {
+    /// Proposes a command through Raft and waits until it is applied here.
+    /// The time in the command is stamped now, on the node that proposes it,
+    /// which is the leader: a follower's proposal fails with a leader hint.
+    pub async fn propose(&self, op: Op) -> Result<CommandResponse> {
+        let cmd = Command::new(now_unix_ms(), op);
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(e) => Err(self.write_error(e)),
+        }
+    }
+
+    /// Waits until this node, as leader, has applied everything committed
+    /// before now, so that a read of its state machine is linearizable.
+    pub async fn linearize(&self) -> Result<()> {
+        match self.raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(f))) => {
+                Err(self.not_leader(&f))
+            }
+            Err(RaftError::APIError(e)) => Err(Error::Unavailable { message: e.to_string(), leader: None }),
+            Err(RaftError::Fatal(e)) => Err(Error::Internal(format!("raft stopped: {e}"))),
+        }
+    }
+
+    pub(crate) fn write_error(&self, e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Error {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => self.not_leader(&f),
+            RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => Error::OutcomeUnknown(format!(
+                "the leader changed before the entry was known to commit (new leader: {:?})",
+                f.leader_id
+            )),
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => Error::FailedPrecondition(e.to_string()),
+            RaftError::APIError(e) => Error::FailedPrecondition(e.to_string()),
+            RaftError::Fatal(e) => Error::Internal(format!("raft stopped: {e}")),
+        }
+    }
+
+    /// The error for a request that needs the leader, on a node that is not.
+    pub(crate) fn not_leader(&self, f: &ForwardToLeader<TypeConfig>) -> Error {
+        let initialized = self.raft.metrics().borrow_watched().membership_config.voter_ids().next().is_some();
+        if !initialized {
+            return Error::FailedPrecondition(format!(
+                "node {} is not a member of any cluster yet: run `tandem cluster init` or add it with `tandem cluster add-learner`",
+                self.config.id
+            ));
+        }
+        let leader = match (&f.leader_id, &f.leader_node) {
+            (Some(id), Some(node)) => Some(LeaderHint { id: *id, addr: node.addr.clone() }),
+            _ => None,
+        };
+        let message = match &leader {
+            Some(_) => format!("node {} is not the leader", self.config.id),
+            None => format!("node {} knows no leader yet (election in progress?)", self.config.id),
+        };
+        Error::Unavailable { message, leader }
+    }
+
+    /// The channel to the leader named by `e`, if `request` may be forwarded.
+    pub(crate) fn forward_target<T>(&self, request: &Request<T>, e: &Error) -> Option<Channel> {
+        if request.metadata().contains_key(FORWARDED_KEY) {
+            return None;
+        }
+        let hint = e.leader_hint()?;
+        if hint.id == self.config.id {
+            return None;
+        }
+        self.peers.get(&hint.addr).ok()
+    }
+
+    /// Checks a request's encoded size against `limits.request_bytes_max`.
+    pub(crate) fn check_request_size(&self, size: usize) -> Result<()> {
+        let max = self.config.limits.request_bytes_max;
+        if size > max {
+            return Err(Error::InvalidInput(format!(
+                "request is {size} bytes, over the limit limits.request_bytes_max = {max}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Sends `req` on to the leader, marked as forwarded. If the leader cannot be
+/// reached, answers with the follower's own error, which names the leader.
+pub(crate) async fn forward<Req, Resp, F, Fut>(
+    channel: Channel,
+    req: Req,
+    original: Error,
+    call: F,
+) -> std::result::Result<tonic::Response<Resp>, tonic::Status>
+where
+    F: FnOnce(Channel, Request<Req>) -> Fut,
+    Fut: Future<Output = std::result::Result<tonic::Response<Resp>, tonic::Status>>,
+{
+    let mut request = Request::new(req);
+    request.metadata_mut().insert(FORWARDED_KEY, tonic::metadata::MetadataValue::from_static("1"));
+    match call(channel, request).await {
+        Err(s) if s.code() == tonic::Code::Unavailable && !s.metadata().contains_key(crate::error::LEADER_ADDR_KEY) => {
+            Err(original.into())
+        }
+        other => other,
+    }
+}
+
+/// Runs a node until SIGINT or SIGTERM.
+pub async fn serve(config: NodeConfig) -> Result<()> {
+    config.validate()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::InvalidInput(format!("cannot listen on {}: {e}", config.listen)))?;
+    let node = start(config).await?;
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    };
+    run_grpc(node.clone(), listener, shutdown).await?;
+    tracing::info!("shutting down");
+    node.raft.shutdown().await.map_err(Error::internal)?;
+    Ok(())
+}
+
+/// Opens the store and starts Raft and the upkeep tasks.
+pub async fn start(config: NodeConfig) -> Result<Arc<Node>> {
+    let (log_store, state_machine) = crate::raft::open_store(&config.data_dir)?;
+    let raft_config = Arc::new(crate::raft::raft_config(&config)?);
+    let peers = PeerChannels::default();
+    let raft = Raft::new(config.id, raft_config, NetworkFactory::new(peers.clone()), log_store, state_machine.clone())
+        .await
+        .map_err(|e| Error::Internal(format!("starting raft: {e}")))?;
+    tracing::info!(id = config.id, addr = %config.advertise_addr(), data_dir = %config.data_dir.display(), "node started");
+    let node = Arc::new(Node { config, raft, state_machine, peers });
+    tokio::spawn(forget_expired(node.clone()));
+    Ok(node)
+}
+
+/// Serves every gRPC service of `node` on `listener` until `shutdown`.
+pub async fn run_grpc(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let request_max = node.config.limits.request_bytes_max.saturating_mul(2).max(4 << 20);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<proto::cluster_server::ClusterServer<cluster::ClusterService>>().await;
+    health_reporter
+        .set_serving::<proto::decision_log_server::DecisionLogServer<decision_log::DecisionLogService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(Error::internal)?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            proto::raft_server::RaftServer::new(RaftService::new(node.raft.clone()))
+                .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
+        )
+        .add_service(
+            proto::cluster_server::ClusterServer::new(cluster::ClusterService::new(node.clone()))
+                .max_decoding_message_size(request_max),
+        )
+        .add_service(
+            proto::decision_log_server::DecisionLogServer::new(decision_log::DecisionLogService::new(node.clone()))
+                .max_decoding_message_size(request_max),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+}
+
+/// On the leader, every `retention.forget_interval_s`: forget completed
+/// records older than `retention.completed_retention_s`. The cut-off time is
+/// computed here, by the proposer, never at apply.
+async fn forget_expired(node: Arc<Node>) {
+    let interval = Duration::from_secs(node.config.retention.forget_interval_s);
+    let retention_ms = node.config.retention.completed_retention_s.saturating_mul(1000);
+    loop {
+        tokio::time::sleep(interval).await;
+        if !node.raft.is_leader() {
+            continue;
+        }
+        let before_unix_ms = now_unix_ms().saturating_sub(retention_ms);
+        match node.propose(Op::Forget { before_unix_ms }).await {
+            Ok(CommandResponse::Forgotten { count }) if count > 0 => {
+                tracing::info!(count, "forgot completed records past retention")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "forgetting expired records failed; will retry"),
+        }
+    }
+}

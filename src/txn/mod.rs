@@ -1,0 +1,259 @@
+//! The transaction model: txids, decisions and the records the decision log
+//! keeps.
+//!
+//! Plain data, no I/O. The replicated state machine (`crate::raft`) stores
+//! these records; the 2PC driver (a later module) will move transactions
+//! through their states.
+//!
+//! A record exists once a decision is recorded. Its life:
+//!
+//! ```text
+//!   (no record) --Decide(commit)--> Committed --Complete--> Completed --Forget--> (gone)
+//!   (no record) --Decide(abort)---> Aborted   --Complete--> Completed --Forget--> (gone)
+//! ```
+//!
+//! With no record a transaction is presumed aborted: whoever wants to act on
+//! "no decision" first records an ABORT, and the compare-and-set tells it
+//! what really holds.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::error::Result;
+
+/// Longest txid accepted, in bytes.
+pub const TXID_LEN_MAX: usize = 48;
+/// Longest idempotency key accepted, in bytes.
+pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 128;
+/// Longest abort reason kept, in bytes.
+pub const ABORT_REASON_LEN_MAX: usize = 1024;
+/// Longest participant name accepted, in bytes.
+pub const PARTICIPANT_NAME_LEN_MAX: usize = 64;
+/// Most branches one decision may name.
+pub const BRANCHES_MAX: usize = 64;
+
+/// A global transaction id: 1 to 48 characters of `[a-z0-9]`.
+///
+/// The alphabet is narrow on purpose: gids (the names of prepared branches
+/// inside participants) are derived from it, and must stay within
+/// `[a-z0-9_]` and far below PostgreSQL's 200-byte limit.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TxId(String);
+
+impl TxId {
+    pub fn parse(s: &str) -> Result<Self> {
+        if s.is_empty() {
+            return Err(Error::InvalidInput("txid is empty".into()));
+        }
+        if s.len() > TXID_LEN_MAX {
+            return Err(Error::InvalidInput(format!("txid is {} bytes, longer than {TXID_LEN_MAX}", s.len())));
+        }
+        if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+            return Err(Error::InvalidInput(format!("txid {s:?} has characters outside [a-z0-9]")));
+        }
+        Ok(Self(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TxId {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        Self::parse(&s)
+    }
+}
+
+impl From<TxId> for String {
+    fn from(t: TxId) -> String {
+        t.0
+    }
+}
+
+impl fmt::Display for TxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One participant's share of a global transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Branch {
+    /// The participant's configured name.
+    pub participant: String,
+}
+
+/// The outcome of a transaction, written once to the replicated log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decision {
+    Commit {
+        branches: Vec<Branch>,
+        /// While the record lives, no other txid may commit with this key.
+        idempotency_key: Option<String>,
+    },
+    Abort {
+        reason: String,
+    },
+}
+
+impl Decision {
+    pub fn is_commit(&self) -> bool {
+        matches!(self, Decision::Commit { .. })
+    }
+
+    /// Checks the limits and formats a decision must respect before it is
+    /// proposed. Apply relies on it: it never sees an invalid decision from a
+    /// well-behaved leader, and refuses one from any other.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Decision::Commit { branches, idempotency_key } => {
+                if branches.is_empty() {
+                    return Err(Error::InvalidInput("a COMMIT decision names no branch".into()));
+                }
+                if branches.len() > BRANCHES_MAX {
+                    return Err(Error::InvalidInput(format!(
+                        "a COMMIT decision names {} branches, over the limit of {BRANCHES_MAX}",
+                        branches.len()
+                    )));
+                }
+                for branch in branches {
+                    validate_participant_name(&branch.participant)?;
+                }
+                if let Some(key) = idempotency_key {
+                    if key.is_empty() {
+                        return Err(Error::InvalidInput("idempotency key is empty".into()));
+                    }
+                    if key.len() > IDEMPOTENCY_KEY_LEN_MAX {
+                        return Err(Error::InvalidInput(format!(
+                            "idempotency key is {} bytes, longer than {IDEMPOTENCY_KEY_LEN_MAX}",
+                            key.len()
+                        )));
+                    }
+                }
+                Ok(())
+            }
+            Decision::Abort { reason } => {
+                if reason.len() > ABORT_REASON_LEN_MAX {
+                    return Err(Error::InvalidInput(format!(
+                        "abort reason is {} bytes, longer than {ABORT_REASON_LEN_MAX}",
+                        reason.len()
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A participant name: 1 to 64 characters of `[A-Za-z0-9_-]`.
+pub fn validate_participant_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > PARTICIPANT_NAME_LEN_MAX {
+        return Err(Error::InvalidInput(format!(
+            "participant name {name:?} must be 1 to {PARTICIPANT_NAME_LEN_MAX} bytes"
+        )));
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err(Error::InvalidInput(format!("participant name {name:?} has characters outside [A-Za-z0-9_-]")));
+    }
+    Ok(())
+}
+
+/// Where a recorded transaction stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecordState {
+    /// COMMIT decided; phase 2 not yet complete.
+    Committed,
+    /// ABORT decided; phase 2 not yet complete.
+    Aborted,
+    /// Phase 2 complete on every branch.
+    Completed,
+}
+
+impl RecordState {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "committed" => Ok(Self::Committed),
+            "aborted" => Ok(Self::Aborted),
+            "completed" => Ok(Self::Completed),
+            _ => Err(Error::InvalidInput(format!("unknown record state {s:?} (committed, aborted or completed)"))),
+        }
+    }
+}
+
+impl fmt::Display for RecordState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Committed => "committed",
+            Self::Aborted => "aborted",
+            Self::Completed => "completed",
+        })
+    }
+}
+
+/// What the decision log holds for one transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnRecord {
+    pub txid: TxId,
+    pub decision: Decision,
+    /// Unix milliseconds, stamped by the leader that proposed the decision.
+    pub decided_unix_ms: u64,
+    /// Unix milliseconds, stamped by the leader that proposed `Complete`.
+    pub completed_unix_ms: Option<u64>,
+    /// Raft log index of the entry that recorded the decision.
+    pub decided_log_index: u64,
+}
+
+impl TxnRecord {
+    pub fn state(&self) -> RecordState {
+        match (&self.decision, self.completed_unix_ms) {
+            (_, Some(_)) => RecordState::Completed,
+            (Decision::Commit { .. }, None) => RecordState::Committed,
+            (Decision::Abort { .. }, None) => RecordState::Aborted,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn txid_alphabet_and_length() {
+        assert!(TxId::parse("t1").is_ok());
+        assert!(TxId::parse(&"a".repeat(TXID_LEN_MAX)).is_ok());
+        assert!(TxId::parse("").is_err());
+        assert!(TxId::parse(&"a".repeat(TXID_LEN_MAX + 1)).is_err());
+        assert!(TxId::parse("T1").is_err());
+        assert!(TxId::parse("t_1").is_err());
+        assert!(TxId::parse("t'1").is_err());
+    }
+
+    #[test]
+    fn txid_deserialization_validates() {
+        assert!(serde_json::from_str::<TxId>("\"ok1\"").is_ok());
+        assert!(serde_json::from_str::<TxId>("\"Bad!\"").is_err());
+    }
+
+    #[test]
+    fn decision_limits() {
+        let commit = |n: usize, key: Option<&str>| Decision::Commit {
+            branches: (0..n).map(|i| Branch { participant: format!("p{i}") }).collect(),
+            idempotency_key: key.map(str::to_string),
+        };
+        assert!(commit(2, Some("k")).validate().is_ok());
+        assert!(commit(0, None).validate().is_err());
+        assert!(commit(BRANCHES_MAX + 1, None).validate().is_err());
+        assert!(commit(1, Some("")).validate().is_err());
+        assert!(commit(1, Some(&"k".repeat(IDEMPOTENCY_KEY_LEN_MAX + 1))).validate().is_err());
+        let bad_name = Decision::Commit { branches: vec![Branch { participant: "a b".into() }], idempotency_key: None };
+        assert!(bad_name.validate().is_err());
+        let long_reason = Decision::Abort { reason: "r".repeat(ABORT_REASON_LEN_MAX + 1) };
+        assert!(long_reason.validate().is_err());
+    }
+}

@@ -1,0 +1,277 @@
+//! A real three-node cluster: replication, failover, restarts, the
+//! compare-and-set, idempotency keys and bad input. Each test starts its own
+//! `tandem serve` processes on ports chosen at run time.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::Options;
+use common::TestCluster;
+use tandem::client::Client;
+use tandem::error::Error;
+use tandem::proto as pb;
+use tandem::proto::decision_log_client::DecisionLogClient;
+use tandem::txn::Branch;
+use tandem::txn::Decision;
+use tandem::txn::TxId;
+use tandem::txn::TxnRecord;
+
+fn commit(key: Option<String>) -> Decision {
+    Decision::Commit {
+        branches: vec![Branch { participant: "accounts_a".into() }, Branch { participant: "accounts_b".into() }],
+        idempotency_key: key,
+    }
+}
+
+fn abort(reason: &str) -> Decision {
+    Decision::Abort { reason: reason.into() }
+}
+
+fn txid(prefix: &str, i: usize) -> TxId {
+    TxId::parse(&format!("{prefix}{i}")).unwrap()
+}
+
+/// Writes `count` decisions from `tasks` concurrent writers, writer `w`
+/// pinned to node `ids[w % ids.len()]` (a follower forwards to the leader).
+/// Returns every acknowledged decision.
+async fn write_decisions(
+    cluster: &TestCluster,
+    ids: &[u64],
+    prefix: &str,
+    count: usize,
+    tasks: usize,
+) -> BTreeMap<TxId, TxnRecord> {
+    let mut handles = Vec::new();
+    for w in 0..tasks {
+        let addr = cluster.addr(ids[w % ids.len()]);
+        let prefix = prefix.to_string();
+        handles.push(tokio::spawn(async move {
+            let mut client = Client::pinned(&addr).unwrap();
+            let mut acked = Vec::new();
+            for i in (w..count).step_by(tasks) {
+                let t = txid(&prefix, i);
+                let decision = if i % 3 == 0 { abort("test") } else { commit(Some(format!("{prefix}-key-{i}"))) };
+                let (won, record) = client.decide(&t, &decision).await.expect("decide");
+                assert!(won, "first decision for {t} must win");
+                assert_eq!(record.decision, decision);
+                acked.push(record);
+            }
+            acked
+        }));
+    }
+    let mut out = BTreeMap::new();
+    for h in handles {
+        for r in h.await.unwrap() {
+            out.insert(r.txid.clone(), r);
+        }
+    }
+    assert_eq!(out.len(), count);
+    out
+}
+
+/// Every acknowledged decision is in node `id`'s state machine, unchanged.
+async fn assert_has_all(cluster: &TestCluster, id: u64, acked: &BTreeMap<TxId, TxnRecord>) {
+    let records: BTreeMap<TxId, TxnRecord> =
+        cluster.local_records(id).await.into_iter().map(|r| (r.txid.clone(), r)).collect();
+    for (t, r) in acked {
+        let held = records.get(t).unwrap_or_else(|| panic!("node {id} lost acknowledged decision {t}"));
+        assert_eq!(held.decision, r.decision, "node {id} changed the decision of {t}");
+        assert_eq!(held.decided_log_index, r.decided_log_index);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_decisions_through_every_node_apply_identically() {
+    let cluster = TestCluster::start(3, Options::default()).await;
+    let acked = write_decisions(&cluster, &[1, 2, 3], "r", 1000, 12).await;
+
+    // Complete some, through a follower too.
+    let mut client = cluster.client();
+    for (t, _) in acked.iter().take(100) {
+        client.complete(t).await.expect("complete");
+    }
+
+    cluster.wait_converged(&[1, 2, 3]).await;
+    let one = cluster.local_records(1).await;
+    assert_eq!(one.len(), 1000);
+    assert_eq!(one.iter().filter(|r| r.completed_unix_ms.is_some()).count(), 100);
+    assert_eq!(cluster.local_records(2).await, one, "node 2 differs from node 1");
+    assert_eq!(cluster.local_records(3).await, one, "node 3 differs from node 1");
+    assert_has_all(&cluster, 1, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_new_leader_keeps_writing_and_restarted_node_catches_up_by_snapshot() {
+    // Small snapshot interval, so the log the killed node misses is purged.
+    let opts = Options { snapshot_logs_since_last: 100, logs_kept_after_snapshot: 10 };
+    let mut cluster = TestCluster::start(3, opts).await;
+    let mut acked = write_decisions(&cluster, &[1, 2, 3], "a", 150, 6).await;
+
+    let old_leader = cluster.leader().await;
+    let old_last_log = cluster.status(old_leader).await.unwrap().last_log_index.unwrap();
+    cluster.kill(old_leader);
+
+    let new_leader = cluster.leader().await;
+    assert_ne!(new_leader, old_leader);
+    let survivors = cluster.running();
+    acked.extend(write_decisions(&cluster, &survivors, "b", 400, 6).await);
+    for id in &survivors {
+        assert_has_all(&cluster, *id, &acked).await;
+    }
+
+    // The new leader has purged log the killed node never received, so it
+    // can only catch up from a snapshot.
+    let purged = cluster.status(new_leader).await.unwrap().purged_index;
+    assert!(purged.is_some_and(|p| p > old_last_log), "leader purged {purged:?}, killed node had {old_last_log}");
+
+    cluster.start_node(old_leader);
+    cluster.wait_converged(&[1, 2, 3]).await;
+    let back = cluster.status(old_leader).await.unwrap();
+    assert!(back.snapshot_index.is_some_and(|s| s > old_last_log), "no snapshot installed: {back:?}");
+    assert_has_all(&cluster, old_leader, &acked).await;
+    assert_eq!(cluster.local_records(old_leader).await, cluster.local_records(new_leader).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_all_three_loses_no_acknowledged_decision() {
+    let mut cluster = TestCluster::start(3, Options::default()).await;
+    let acked = write_decisions(&cluster, &[1, 2, 3], "s", 300, 6).await;
+
+    for id in [1, 2, 3] {
+        cluster.kill(id);
+    }
+    for id in [1, 2, 3] {
+        cluster.start_node(id);
+    }
+    cluster.leader().await;
+    cluster.wait_converged(&[1, 2, 3]).await;
+    for id in [1, 2, 3] {
+        assert_has_all(&cluster, id, &acked).await;
+    }
+    // A linearizable read through any node sees them too.
+    let mut client = cluster.client();
+    for (t, r) in acked.iter().step_by(37) {
+        assert_eq!(client.get_record(t, false).await.unwrap().as_ref(), Some(r));
+    }
+    // And the cluster still takes writes.
+    let (won, _) = client.decide(&txid("after", 1), &commit(None)).await.unwrap();
+    assert!(won);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_conflicting_decisions_exactly_one_wins() {
+    let cluster = TestCluster::start(3, Options::default()).await;
+    for i in 0..20 {
+        let t = txid("c", i);
+        let mut a = cluster.pinned(1 + (i as u64 % 3));
+        let mut b = cluster.pinned(1 + ((i as u64 + 1) % 3));
+        let (ta, tb) = (t.clone(), t.clone());
+        let (ra, rb) = tokio::join!(async move { a.decide(&ta, &commit(None)).await }, async move {
+            b.decide(&tb, &abort("conflict")).await
+        },);
+        let (won_a, rec_a) = ra.unwrap();
+        let (won_b, rec_b) = rb.unwrap();
+        assert!(won_a ^ won_b, "{t}: exactly one must win (commit won: {won_a}, abort won: {won_b})");
+        assert_eq!(rec_a, rec_b, "{t}: both callers must be told the same outcome");
+        assert_eq!(rec_a.decision.is_commit(), won_a);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_reused_by_another_txid_is_refused() {
+    let cluster = TestCluster::start(3, Options::default()).await;
+    let mut client = cluster.client();
+    let key = Some("order-42".to_string());
+    let (won, _) = client.decide(&txid("k", 1), &commit(key.clone())).await.unwrap();
+    assert!(won);
+    // Through another node, a different txid with the same key.
+    let mut other = cluster.pinned(2);
+    let err = other.decide(&txid("k", 2), &commit(key.clone())).await.unwrap_err();
+    assert!(matches!(&err, Error::AlreadyExists(m) if m.contains("k1")), "{err:?}");
+    assert_eq!(client.get_record(&txid("k", 2), false).await.unwrap(), None);
+    // The first txid retrying with its key is told its own decision.
+    let (won, record) = other.decide(&txid("k", 1), &commit(key)).await.unwrap();
+    assert!(won && record.decision.is_commit());
+}
+
+async fn raw(addr: &str) -> DecisionLogClient<tonic::transport::Channel> {
+    DecisionLogClient::connect(format!("http://{addr}")).await.unwrap()
+}
+
+fn abort_pb(reason: String) -> Option<pb::Decision> {
+    Some(pb::Decision { kind: Some(pb::decision::Kind::Abort(pb::Abort { reason })) })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let mut cluster = TestCluster::start(3, Options::default()).await;
+    let mut client = cluster.client();
+    client.decide(&txid("ok", 1), &commit(None)).await.unwrap();
+    let before = cluster.local_records(cluster.leader().await).await;
+
+    let mut raw_client = raw(&cluster.addr(2)).await;
+    let cases = [
+        (
+            "unknown command version",
+            pb::DecideRequest { version: 7, txid: "x1".into(), decision: abort_pb("r".into()) },
+            "command version",
+        ),
+        (
+            "empty txid",
+            pb::DecideRequest { version: 0, txid: String::new(), decision: abort_pb("r".into()) },
+            "txid is empty",
+        ),
+        (
+            "bad txid",
+            pb::DecideRequest { version: 0, txid: "Robert'); DROP".into(), decision: abort_pb("r".into()) },
+            "outside [a-z0-9]",
+        ),
+        ("no decision", pb::DecideRequest { version: 0, txid: "x2".into(), decision: None }, "decision is missing"),
+        (
+            "oversize",
+            pb::DecideRequest { version: 0, txid: "x3".into(), decision: abort_pb("r".repeat(1_200_000)) },
+            "limits.request_bytes_max",
+        ),
+        (
+            "commit without branches",
+            pb::DecideRequest {
+                version: 0,
+                txid: "x4".into(),
+                decision: Some(pb::Decision { kind: Some(pb::decision::Kind::Commit(pb::Commit::default())) }),
+            },
+            "names no branch",
+        ),
+    ];
+    for (name, req, needle) in cases {
+        let status = raw_client.decide(req).await.expect_err(name);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{name}: {status:?}");
+        assert!(status.message().contains(needle), "{name}: {:?} lacks {needle:?}", status.message());
+    }
+    let status = raw_client.complete(pb::CompleteRequest { version: 0, txid: "nothere".into() }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+
+    // A node that belongs to no cluster refuses writes and says why.
+    let lone = cluster.add_node();
+    cluster.wait_answering(lone).await;
+    let status = raw(&cluster.addr(lone))
+        .await
+        .decide(pb::DecideRequest { version: 0, txid: "x5".into(), decision: abort_pb("r".into()) })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("not a member of any cluster"), "{status:?}");
+
+    cluster.wait_converged(&[1, 2, 3]).await;
+    for id in [1, 2, 3] {
+        assert_eq!(cluster.local_records(id).await, before, "node {id} changed");
+    }
+    assert!(cluster.local_records(lone).await.is_empty());
+
+    // Membership: the lone node joins as a learner, catches up, becomes a voter.
+    client.add_learner(pb::Member { id: lone, addr: cluster.addr(lone) }).await.unwrap();
+    let resp = client.change_membership(vec![1, 2, 3, lone], false).await.unwrap();
+    assert_eq!(resp.voters.len(), 4);
+    cluster.wait_converged(&[lone]).await;
+    assert_eq!(cluster.local_records(lone).await, before);
+}
