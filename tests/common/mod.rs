@@ -160,14 +160,18 @@ impl TestCluster {
         }
     }
 
-    /// Waits until every running node names the same leader, which says it
-    /// leads; returns its id.
+    /// Waits until every running cluster member names the same leader,
+    /// which says it leads; returns its id.
     pub async fn leader(&self) -> u64 {
         let deadline = Instant::now() + WAIT;
         loop {
             let mut statuses = Vec::new();
             for id in self.running() {
-                statuses.push(self.status(id).await);
+                let status = self.status(id).await;
+                // A node that belongs to no cluster yet has no say.
+                if status.as_ref().is_none_or(|s| s.initialized) {
+                    statuses.push(status);
+                }
             }
             if let Some(Some(first)) = statuses.first()
                 && let Some(leader) = first.leader_id
