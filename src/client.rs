@@ -229,10 +229,13 @@ impl Client {
         }
     }
 
-    /// The status of the node the client currently talks to.
+    /// The status of the node the client currently talks to: one attempt,
+    /// since another node's status would answer a different question.
     pub async fn status(&mut self) -> Result<pb::NodeStatus> {
-        self.call(|ch| async move { ClusterClient::new(ch).status(pb::StatusRequest {}).await.map(|r| r.into_inner()) })
-            .await
+        let channel = self.channels.get(self.current_addr())?;
+        let mut request = tonic::Request::new(pb::StatusRequest {});
+        request.set_timeout(ATTEMPT_TIMEOUT);
+        Ok(ClusterClient::new(channel).status(request).await?.into_inner())
     }
 
     /// Initialises a new cluster. Goes to the current node, which must be a

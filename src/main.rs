@@ -351,7 +351,7 @@ fn print_status(statuses: &[(String, Result<pb::NodeStatus>)], json: bool) {
                 s.initialized
             ),
             Ok(s) => println!(
-                "{:<4} {:<22} {:<10} {:>5} {:>6} {:>9} {:>9} {:>9} {:>8}  voters {} learners {}",
+                "{:<4} {:<22} {:<10} {:>5} {:>6} {:>9} {:>9} {:>9} {:>8}  voters {}{}",
                 s.id,
                 s.addr,
                 if s.initialized { role_name(s.role) } else { "uninit" },
@@ -362,7 +362,7 @@ fn print_status(statuses: &[(String, Result<pb::NodeStatus>)], json: bool) {
                 opt(s.snapshot_index),
                 s.records,
                 members(&s.voters),
-                members(&s.learners),
+                if s.learners.is_empty() { String::new() } else { format!(" learners {}", members(&s.learners)) },
             ),
             Err(e) if json => println!("{{\"addr\":\"{addr}\",\"error\":{:?}}}", e.to_string()),
             Err(e) => println!("?    {addr:<22} unreachable: {e}"),

@@ -275,3 +275,40 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     cluster.wait_converged(&[lone]).await;
     assert_eq!(cluster.local_records(lone).await, before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_answer_on_every_node() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let cluster = TestCluster::start(3, Options::default()).await;
+    for addr in cluster.addrs() {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        for service in ["", "tandem.v1.Cluster", "tandem.v1.DecisionLog"] {
+            let resp = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+            assert_eq!(resp.status, ServingStatus::Serving as i32, "{addr} {service:?}");
+        }
+
+        let mut reflection = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+        let resp = stream.message().await.unwrap().expect("a reflection answer");
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+            panic!("unexpected reflection answer {resp:?}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for expected in ["tandem.v1.Cluster", "tandem.v1.DecisionLog", "tandem.v1.Raft", "grpc.health.v1.Health"] {
+            assert!(names.iter().any(|n| n == expected), "{addr}: {expected} missing from {names:?}");
+        }
+    }
+}

@@ -126,10 +126,14 @@ impl StateMachine {
         .await
     }
 
-    /// How many records this node holds (an estimate from RocksDB).
-    pub fn record_count_estimate(&self) -> u64 {
-        let cf = self.db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
-        self.db.property_int_value_cf(&cf, "rocksdb.estimate-num-keys").ok().flatten().unwrap_or(0)
+    /// How many records this node holds (RocksDB's estimate).
+    pub async fn record_count_estimate(&self) -> Result<u64> {
+        let db = self.db.clone();
+        blocking(move || {
+            let cf = db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
+            Ok(db.property_int_value_cf(&cf, "rocksdb.estimate-num-keys")?.unwrap_or(0))
+        })
+        .await
     }
 
     fn applied_state_blocking(db: &DB) -> io::Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>)> {

@@ -14,7 +14,6 @@ use tonic::Status;
 
 use super::Node;
 use super::convert;
-use super::forward;
 use crate::error::Error;
 use crate::proto as pb;
 use crate::proto::cluster_client::ClusterClient;
@@ -104,7 +103,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             snapshot_index: m.snapshot.map(|l| l.index),
             purged_index: m.purged.map(|l| l.index),
             initialized: !voters.is_empty(),
-            records: self.node.state_machine.record_count_estimate(),
+            records: self.node.state_machine.record_count_estimate().await?,
             ..Default::default()
         };
         for (id, node) in membership.nodes() {
@@ -120,21 +119,11 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         let member = request.get_ref().member.clone().ok_or_else(|| Error::InvalidInput("member is missing".into()))?;
         let (id, node) = convert::member_from_pb(&member)?;
-        match self.node.raft.add_learner(id, node, true).await {
-            Ok(resp) => Ok(Response::new(self.membership_response(resp))),
-            Err(e) => {
-                let e = self.node.write_error(e);
-                match self.node.forward_target(&request, &e) {
-                    Some(ch) => {
-                        forward(ch, request.into_inner(), e, |ch, r| async move {
-                            ClusterClient::new(ch).add_learner(r).await
-                        })
-                        .await
-                    }
-                    None => Err(e.into()),
-                }
-            }
-        }
+        let local = match self.node.raft.add_learner(id, node, true).await {
+            Ok(resp) => Ok(self.membership_response(resp)),
+            Err(e) => Err(self.node.write_error(e)),
+        };
+        local_or_forward!(self, request, local, ClusterClient, add_learner)
     }
 
     async fn change_membership(
@@ -146,20 +135,10 @@ impl pb::cluster_server::Cluster for ClusterService {
             return Err(Error::InvalidInput("the new membership needs at least one voter".into()).into());
         }
         let voters: BTreeSet<u64> = req.voters.iter().copied().collect();
-        match self.node.raft.change_membership(voters, req.retain_as_learners).await {
-            Ok(resp) => Ok(Response::new(self.membership_response(resp))),
-            Err(e) => {
-                let e = self.node.write_error(e);
-                match self.node.forward_target(&request, &e) {
-                    Some(ch) => {
-                        forward(ch, request.into_inner(), e, |ch, r| async move {
-                            ClusterClient::new(ch).change_membership(r).await
-                        })
-                        .await
-                    }
-                    None => Err(e.into()),
-                }
-            }
-        }
+        let local = match self.node.raft.change_membership(voters, req.retain_as_learners).await {
+            Ok(resp) => Ok(self.membership_response(resp)),
+            Err(e) => Err(self.node.write_error(e)),
+        };
+        local_or_forward!(self, request, local, ClusterClient, change_membership)
     }
 }

@@ -10,7 +10,6 @@ use tonic::Status;
 
 use super::Node;
 use super::convert;
-use super::forward;
 use crate::error::Error;
 use crate::error::Result;
 use crate::proto as pb;
@@ -35,27 +34,6 @@ impl DecisionLogService {
 /// What a command's response must be; anything else is a bug.
 fn unexpected(resp: CommandResponse) -> Error {
     Error::Internal(format!("unexpected state machine response {resp:?}"))
-}
-
-/// Runs a handler's local part; on a "not the leader" error, forwards the
-/// request to the leader once.
-macro_rules! local_or_forward {
-    ($self:ident, $request:ident, $local:expr, $method:ident) => {{
-        match $local {
-            Ok(resp) => Ok(Response::new(resp)),
-            Err(e) => {
-                match $self.node.forward_target(&$request, &e) {
-                    Some(ch) => {
-                        forward(ch, $request.into_inner(), e, |ch, r| async move {
-                            DecisionLogClient::new(ch).$method(r).await
-                        })
-                        .await
-                    }
-                    None => Err(e.into()),
-                }
-            }
-        }
-    }};
 }
 
 impl DecisionLogService {
@@ -135,25 +113,25 @@ impl DecisionLogService {
 #[tonic::async_trait]
 impl pb::decision_log_server::DecisionLog for DecisionLogService {
     async fn decide(&self, request: Request<pb::DecideRequest>) -> Result<Response<pb::DecideResponse>, Status> {
-        local_or_forward!(self, request, self.decide_local(request.get_ref()).await, decide)
+        local_or_forward!(self, request, self.decide_local(request.get_ref()).await, DecisionLogClient, decide)
     }
 
     async fn complete(&self, request: Request<pb::CompleteRequest>) -> Result<Response<pb::CompleteResponse>, Status> {
-        local_or_forward!(self, request, self.complete_local(request.get_ref()).await, complete)
+        local_or_forward!(self, request, self.complete_local(request.get_ref()).await, DecisionLogClient, complete)
     }
 
     async fn forget(&self, request: Request<pb::ForgetRequest>) -> Result<Response<pb::ForgetResponse>, Status> {
-        local_or_forward!(self, request, self.forget_local(request.get_ref()).await, forget)
+        local_or_forward!(self, request, self.forget_local(request.get_ref()).await, DecisionLogClient, forget)
     }
 
     async fn get_record(&self, request: Request<pb::GetRecordRequest>) -> Result<Response<pb::TxnRecord>, Status> {
-        local_or_forward!(self, request, self.get_local(request.get_ref()).await, get_record)
+        local_or_forward!(self, request, self.get_local(request.get_ref()).await, DecisionLogClient, get_record)
     }
 
     async fn list_records(
         &self,
         request: Request<pb::ListRecordsRequest>,
     ) -> Result<Response<pb::ListRecordsResponse>, Status> {
-        local_or_forward!(self, request, self.list_local(request.get_ref()).await, list_records)
+        local_or_forward!(self, request, self.list_local(request.get_ref()).await, DecisionLogClient, list_records)
     }
 }

@@ -10,6 +10,25 @@
 //! the leader's address (when known) in the `x-tandem-leader-addr` metadata
 //! entry, which [`crate::client`] follows.
 
+/// Runs a handler's local part; on an error naming another node as leader,
+/// forwards the request there once with `$client::$method`.
+macro_rules! local_or_forward {
+    ($self:ident, $request:ident, $local:expr, $client:ident, $method:ident) => {{
+        match $local {
+            Ok(resp) => Ok(tonic::Response::new(resp)),
+            Err(e) => match $self.node.forward_target(&$request, &e) {
+                Some(ch) => {
+                    $crate::server::forward(ch, $request.into_inner(), e, |ch, r| async move {
+                        $client::new(ch).$method(r).await
+                    })
+                    .await
+                }
+                None => Err(e.into()),
+            },
+        }
+    }};
+}
+
 pub mod cluster;
 pub mod convert;
 pub mod decision_log;

@@ -16,6 +16,8 @@
 //! "no decision" first records an ABORT, and the compare-and-set tells it
 //! what really holds.
 
+pub mod gid;
+
 use std::fmt;
 
 use serde::Deserialize;
