@@ -24,10 +24,14 @@ log_file() { echo "$TANDEM_HOME/logs/node$1.log"; }
 data_dir() { echo "$TANDEM_HOME/data/node$1"; }
 addr() { echo "127.0.0.1:700$1"; }
 
+# True if node N's pid file names a live `tandem serve` (a stale pid may
+# belong to another process by now).
 running() {
-    local f
+    local f pid
     f="$(pid_file "$1")"
-    [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+    [ -f "$f" ] || return 1
+    pid="$(cat "$f")"
+    kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "tandem serve"
 }
 
 start_node() {

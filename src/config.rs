@@ -34,7 +34,8 @@ pub const CLUSTER_ID_LEN_MAX: usize = 16;
 pub struct NodeConfig {
     /// This node's Raft id; unique in the cluster, never reused.
     pub id: u64,
-    /// Names the cluster in gids and in Raft messages: 1 to 16 of `[a-z0-9]`.
+    /// Names the cluster in gids; nodes refuse Raft messages from another
+    /// cluster. 1 to 16 of `[a-z0-9]`.
     #[serde(default = "default_cluster_id")]
     pub cluster_id: String,
     /// Where this node serves gRPC, for clients and peers alike.

@@ -5,6 +5,10 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use common::Options;
 use common::TestCluster;
@@ -101,6 +105,53 @@ async fn thousand_decisions_through_every_node_apply_identically() {
     assert_has_all(&cluster, 1, &acked).await;
 }
 
+/// Writers that keep going until told to stop, each through the whole
+/// cluster (following the leader). Only acknowledged decisions count; an
+/// error is an unknown outcome, never an absent one.
+struct BackgroundWriters {
+    stop: Arc<AtomicBool>,
+    handles: Vec<tokio::task::JoinHandle<(Vec<TxnRecord>, usize)>>,
+}
+
+impl BackgroundWriters {
+    fn start(cluster: &TestCluster, prefix: &str, tasks: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handles = (0..tasks)
+            .map(|w| {
+                let stop = stop.clone();
+                let mut client = cluster.client();
+                let prefix = format!("{prefix}{w}x");
+                tokio::spawn(async move {
+                    let (mut acked, mut unknown) = (Vec::new(), 0);
+                    for i in 0.. {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        match client.decide(&txid(&prefix, i), &commit(None)).await {
+                            Ok((true, record)) => acked.push(record),
+                            Ok((false, record)) => panic!("nobody else decides {}: {record:?}", record.txid),
+                            Err(_) => unknown += 1,
+                        }
+                    }
+                    (acked, unknown)
+                })
+            })
+            .collect();
+        Self { stop, handles }
+    }
+
+    async fn stop(self) -> (BTreeMap<TxId, TxnRecord>, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut acked, mut unknown) = (BTreeMap::new(), 0);
+        for h in self.handles {
+            let (records, u) = h.await.unwrap();
+            acked.extend(records.into_iter().map(|r| (r.txid.clone(), r)));
+            unknown += u;
+        }
+        (acked, unknown)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_new_leader_keeps_writing_and_restarted_node_catches_up_by_snapshot() {
     // Small snapshot interval, so the log the killed node misses is purged.
@@ -108,14 +159,21 @@ async fn leader_killed_new_leader_keeps_writing_and_restarted_node_catches_up_by
     let mut cluster = TestCluster::start(3, opts).await;
     let mut acked = write_decisions(&cluster, &[1, 2, 3], "a", 150, 6).await;
 
+    // Writes in flight while the leader dies.
+    let writers = BackgroundWriters::start(&cluster, "w", 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let old_leader = cluster.leader().await;
-    let old_last_log = cluster.status(old_leader).await.unwrap().last_log_index.unwrap();
     cluster.kill(old_leader);
+    let old_last_log = cluster.last_log_index_on_disk(old_leader).await;
 
     let new_leader = cluster.leader().await;
     assert_ne!(new_leader, old_leader);
     let survivors = cluster.running();
     acked.extend(write_decisions(&cluster, &survivors, "b", 400, 6).await);
+    let (in_flight, unknown) = writers.stop().await;
+    assert!(!in_flight.is_empty(), "the background writers got nothing acknowledged");
+    eprintln!("background writers: {} acknowledged, {unknown} unknown", in_flight.len());
+    acked.extend(in_flight);
     for id in &survivors {
         assert_has_all(&cluster, *id, &acked).await;
     }

@@ -55,8 +55,26 @@ const KEY_LAST_PURGED: &[u8] = b"last_purged";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
+    flusher: Arc<Flusher>,
     poisoned: Arc<AtomicBool>,
+}
+
+/// The flusher thread and the queue to it. Dropping the last handle closes
+/// the queue and joins the thread, so the thread's reference to the database
+/// is gone before the process can exit: RocksDB must be closed before its
+/// static destructors run.
+struct Flusher {
+    queue: Option<mpsc::Sender<IOFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            thread.join().ok();
+        }
+    }
 }
 
 impl LogStore {
@@ -65,11 +83,12 @@ impl LogStore {
         let poisoned = Arc::new(AtomicBool::new(false));
         let flusher_db = db.clone();
         let flusher_poisoned = poisoned.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("tandem-log-flusher".into())
             .spawn(move || run_flusher(flusher_db, rx, flusher_poisoned))
             .expect("spawning the log flusher thread");
-        Self { db, flusher: tx, poisoned }
+        let flusher = Arc::new(Flusher { queue: Some(tx), thread: Some(thread) });
+        Self { db, flusher, poisoned }
     }
 
     fn check_poisoned(&self) -> io::Result<()> {
@@ -246,7 +265,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             db.write(batch).map_err(io::Error::other)
         })
         .await?;
-        self.flusher.send(callback).map_err(|_| io::Error::other("the log flusher thread is gone"))?;
+        let queue = self.flusher.queue.as_ref().expect("the flusher queue lives as long as the store");
+        queue.send(callback).map_err(|_| io::Error::other("the log flusher thread is gone"))?;
         Ok(())
     }
 

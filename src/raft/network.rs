@@ -33,6 +33,8 @@ use openraft::type_config::alias::SnapshotOf;
 use openraft::type_config::alias::VoteOf;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tonic::metadata::Ascii;
+use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
@@ -80,14 +82,21 @@ pub fn endpoint(addr: &str) -> Result<Endpoint> {
         .keep_alive_while_idle(true))
 }
 
+/// Metadata key carrying the sender's cluster id on every Raft message: a
+/// node refuses messages from another cluster (a misconfigured address).
+pub const CLUSTER_ID_KEY: &str = "x-tandem-cluster-id";
+
 /// Makes openraft's clients for peers.
 pub struct NetworkFactory {
     channels: PeerChannels,
+    cluster_id: MetadataValue<Ascii>,
 }
 
 impl NetworkFactory {
-    pub fn new(channels: PeerChannels) -> Self {
-        Self { channels }
+    pub fn new(channels: PeerChannels, cluster_id: &str) -> Result<Self> {
+        let cluster_id = MetadataValue::try_from(cluster_id)
+            .map_err(|_| Error::InvalidInput(format!("cluster id {cluster_id:?} is not ASCII")))?;
+        Ok(Self { channels, cluster_id })
     }
 }
 
@@ -100,7 +109,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
                 .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX)
         });
-        PeerClient { target, addr: node.addr.clone(), client }
+        PeerClient { target, addr: node.addr.clone(), client, cluster_id: self.cluster_id.clone() }
     }
 }
 
@@ -110,6 +119,7 @@ pub struct PeerClient {
     addr: String,
     /// An unusable address is reported on every call, not at construction.
     client: Result<RaftClient<Channel>>,
+    cluster_id: MetadataValue<Ascii>,
 }
 
 fn network_error<E: std::fmt::Display>(e: E) -> NetworkError<TypeConfig> {
@@ -149,6 +159,7 @@ impl PeerClient {
     {
         let mut request = tonic::Request::new(encode(req)?);
         request.set_timeout(option.hard_ttl());
+        request.metadata_mut().insert(CLUSTER_ID_KEY, self.cluster_id.clone());
         let reply = f(self.client()?, request).await.map_err(|s| status_error(&self.addr, s))?;
         let result: Result<Resp, RaftError<TypeConfig>> = decode(reply.get_ref())?;
         result.map_err(|e| RPCError::Network(network_error(format!("node {}: {e}", self.target))))
@@ -199,6 +210,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         chunks[0].header = header;
         let mut request = tonic::Request::new(tokio_stream::iter(chunks));
         request.set_timeout(option.hard_ttl());
+        request.metadata_mut().insert(CLUSTER_ID_KEY, self.cluster_id.clone());
         let mut client = self.client().map_err(|e| match e {
             RPCError::Unreachable(u) => StreamingError::Unreachable(u),
             other => StreamingError::Network(network_error(other)),

@@ -16,6 +16,7 @@ use tonic::Streaming;
 
 use super::Raft;
 use super::TypeConfig;
+use super::network::CLUSTER_ID_KEY;
 use crate::proto::RaftPayload;
 use crate::proto::SnapshotChunk;
 use crate::proto::raft_server;
@@ -25,11 +26,25 @@ const SNAPSHOT_BYTES_MAX: usize = 1 << 30;
 
 pub struct RaftService {
     raft: Raft,
+    cluster_id: String,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft) -> Self {
-        Self { raft }
+    pub fn new(raft: Raft, cluster_id: &str) -> Self {
+        Self { raft, cluster_id: cluster_id.to_string() }
+    }
+
+    /// Refuses a message from a node of another cluster.
+    fn check_cluster<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let sender = request.metadata().get(CLUSTER_ID_KEY).and_then(|v| v.to_str().ok());
+        if sender == Some(self.cluster_id.as_str()) {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "Raft message from cluster {:?}; this node belongs to cluster {:?}",
+            sender.unwrap_or(""),
+            self.cluster_id
+        )))
     }
 }
 
@@ -45,16 +60,19 @@ fn reply<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
     async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check_cluster(&request)?;
         let rpc = decode(&request.get_ref().data)?;
         reply(&self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check_cluster(&request)?;
         let rpc = decode(&request.get_ref().data)?;
         reply(&self.raft.vote(rpc).await)
     }
 
     async fn pre_vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check_cluster(&request)?;
         let rpc = decode(&request.get_ref().data)?;
         reply(&self.raft.pre_vote(rpc).await)
     }
@@ -63,6 +81,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftPayload>, Status> {
+        self.check_cluster(&request)?;
         let mut stream = request.into_inner();
         let Some(first) = stream.next().await.transpose()? else {
             return Err(Status::invalid_argument("empty snapshot stream"));

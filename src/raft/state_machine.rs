@@ -70,6 +70,10 @@ const KEY_SNAPSHOT: &[u8] = b"snapshot";
 #[derive(Clone)]
 pub struct StateMachine {
     db: Arc<DB>,
+    /// Held while the current snapshot is replaced: openraft may build a
+    /// snapshot while another is being installed, and the older of the two
+    /// must not overwrite the newer.
+    snapshot_lock: Arc<std::sync::Mutex<()>>,
 }
 
 /// A snapshot's payload.
@@ -87,7 +91,7 @@ struct StoredSnapshot {
 
 impl StateMachine {
     pub(crate) fn new(db: Arc<DB>) -> Self {
-        Self { db }
+        Self { db, snapshot_lock: Arc::default() }
     }
 
     /// Reads one record from this node's state machine (no Raft round-trip).
@@ -220,13 +224,20 @@ impl<'a> Applier<'a> {
         match &cmd.op {
             Op::Decide { txid, decision } => self.decide(log_index, cmd.at_unix_ms, txid, decision),
             Op::Complete { txid } => self.complete(cmd.at_unix_ms, txid),
-            Op::Forget { before_unix_ms } => self.forget(*before_unix_ms),
+            // Nothing completes after the command's own time.
+            Op::Forget { before_unix_ms } => self.forget((*before_unix_ms).min(cmd.at_unix_ms)),
         }
     }
 
     fn decide(&mut self, log_index: u64, at: u64, txid: &TxId, decision: &Decision) -> Result<CommandResponse> {
         if let Some(existing) = self.record(txid)? {
-            let won = existing.decision.is_commit() == decision.is_commit();
+            let won = match (&existing.decision, decision) {
+                // Every ABORT means the same outcome, whatever its reason.
+                (Decision::Abort { .. }, Decision::Abort { .. }) => true,
+                // A COMMIT wins only as recorded: another branch list or key
+                // was never decided.
+                (held, asked) => held == asked,
+            };
             return Ok(CommandResponse::Decided { won, record: existing });
         }
         if let Err(e) = decision.validate() {
@@ -266,24 +277,28 @@ impl<'a> Applier<'a> {
         Ok(CommandResponse::Completed { record })
     }
 
+    /// Drops records completed before `before`. Reads the completion index
+    /// from RocksDB, so the caller writes out the batch so far first (see
+    /// [`apply_entries`]).
     fn forget(&mut self, before: u64) -> Result<CommandResponse> {
         let cf_completed = self.db.cf_handle(cf::SM_COMPLETED).expect("sm_completed column family");
         let mut doomed = Vec::new();
-        // Completions earlier in this batch are not in RocksDB yet; they are
-        // at least as recent as anything stored, and a leader stamps Forget
-        // far behind the present, so they never qualify.
         for item in self.db.iterator_cf(&cf_completed, IteratorMode::Start) {
             let (key, _) = item?;
             let (at, txid) = parse_completed_key(&key)?;
             if at >= before {
                 break;
             }
-            doomed.push((key.to_vec(), txid));
+            doomed.push((key.to_vec(), at, txid));
         }
         let mut count = 0;
-        for (key, txid) in doomed {
+        for (key, at, txid) in doomed {
             self.batch.delete_cf(&cf_completed, key);
+            // The index entry must describe the record that holds now.
             let Some(record) = self.record(&txid)? else { continue };
+            if record.completed_unix_ms != Some(at) {
+                continue;
+            }
             if let Decision::Commit { idempotency_key: Some(k), .. } = &record.decision {
                 let cf_keys = self.db.cf_handle(cf::SM_KEYS).expect("sm_keys column family");
                 self.batch.delete_cf(&cf_keys, k.as_bytes());
@@ -295,6 +310,25 @@ impl<'a> Applier<'a> {
             count += 1;
         }
         Ok(CommandResponse::Forgotten { count })
+    }
+
+    /// Writes the batch so far, with the applied position and membership, in
+    /// one atomic RocksDB write. The read caches stay valid: they hold what
+    /// was just written.
+    fn write(
+        &mut self,
+        last_applied: Option<LogIdOf<TypeConfig>>,
+        membership: Option<&StoredMembershipOf<TypeConfig>>,
+    ) -> Result<()> {
+        let meta_cf = self.db.cf_handle(cf::SM_META).expect("sm_meta column family");
+        if let Some(applied) = last_applied {
+            self.batch.put_cf(&meta_cf, KEY_LAST_APPLIED, encode(&Some(applied))?);
+        }
+        if let Some(m) = membership {
+            self.batch.put_cf(&meta_cf, KEY_MEMBERSHIP, encode(m)?);
+        }
+        self.db.write(std::mem::take(&mut self.batch))?;
+        Ok(())
     }
 }
 
@@ -313,8 +347,11 @@ fn parse_completed_key(key: &[u8]) -> Result<(u64, TxId)> {
     Ok((at, txid))
 }
 
-/// Applies entries in order as one atomic RocksDB write, with the new
-/// applied position, and returns one response per entry.
+/// Applies entries in order and returns one response per entry. Their
+/// writes go to RocksDB atomically with the new applied position: in one
+/// write, or, where a `Forget` must scan what came before it, in one write up
+/// to the entry before the `Forget` and one after. Either way the result is
+/// the same whatever batches a node's entries arrive in.
 fn apply_entries<'e>(
     db: &DB,
     entries: impl Iterator<Item = &'e EntryOf<TypeConfig>>,
@@ -327,7 +364,12 @@ fn apply_entries<'e>(
         let log_id = entry.log_id();
         let response = match &entry.payload {
             EntryPayload::Blank => CommandResponse::Empty,
-            EntryPayload::Normal(cmd) => applier.apply(log_id.index(), cmd).map_err(to_io)?,
+            EntryPayload::Normal(cmd) => {
+                if matches!(cmd.op, Op::Forget { .. }) {
+                    applier.write(last_applied.take(), membership.take().as_ref()).map_err(to_io)?;
+                }
+                applier.apply(log_id.index(), cmd).map_err(to_io)?
+            }
             EntryPayload::Membership(m) => {
                 membership = Some(StoredMembershipOf::<TypeConfig>::new(Some(log_id), m.clone()));
                 CommandResponse::Empty
@@ -336,12 +378,7 @@ fn apply_entries<'e>(
         last_applied = Some(log_id);
         responses.push(response);
     }
-    let meta_cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
-    applier.batch.put_cf(&meta_cf, KEY_LAST_APPLIED, encode(&last_applied)?);
-    if let Some(m) = &membership {
-        applier.batch.put_cf(&meta_cf, KEY_MEMBERSHIP, encode(m)?);
-    }
-    db.write(applier.batch).map_err(io::Error::other)?;
+    applier.write(last_applied, membership.as_ref()).map_err(to_io)?;
     Ok(responses)
 }
 
@@ -354,6 +391,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>> {
         let db = self.db.clone();
+        let lock = self.snapshot_lock.clone();
         let stored = tokio::task::spawn_blocking(move || -> io::Result<StoredSnapshot> {
             // One RocksDB snapshot: the records and the applied position are
             // read at the same point.
@@ -378,7 +416,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let data = encode(&SnapshotData { records })?;
             let meta = SnapshotMetaOf::<TypeConfig> { last_log_id, last_membership };
             let stored = StoredSnapshot { meta, data };
-            db.put_cf(&meta_cf, KEY_SNAPSHOT, encode(&stored)?).map_err(io::Error::other)?;
+            let _guard = lock.lock().map_err(|_| io::Error::other("snapshot lock poisoned"))?;
+            let current: Option<StoredSnapshot> = match db.get_cf(&meta_cf, KEY_SNAPSHOT).map_err(io::Error::other)? {
+                Some(b) => Some(decode(&b)?),
+                None => None,
+            };
+            if current.is_none_or(|c| c.meta.last_log_id < stored.meta.last_log_id) {
+                db.put_cf(&meta_cf, KEY_SNAPSHOT, encode(&stored)?).map_err(io::Error::other)?;
+            }
             Ok(stored)
         })
         .await
@@ -437,7 +482,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let stored = StoredSnapshot { meta: meta.clone(), data };
         let db = self.db.clone();
         let count = parsed.records.len();
+        let lock = self.snapshot_lock.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let _guard = lock.lock().map_err(|_| io::Error::other("snapshot lock poisoned"))?;
             let mut batch = WriteBatch::default();
             for name in [cf::SM_RECORDS, cf::SM_KEYS, cf::SM_COMPLETED] {
                 let cf = db.cf_handle(name).expect("state machine column family");
@@ -607,6 +654,55 @@ mod tests {
         assert!(f.sm.get(txid("t2")).await.unwrap().is_some());
         let r = f.one(11, Op::Decide { txid: txid("t3"), decision: commit(Some("k")) }).await;
         assert!(matches!(r, CommandResponse::Decided { won: true, .. }));
+    }
+
+    /// Determinism: the same entries give the same state however they are
+    /// batched.
+    #[tokio::test]
+    async fn complete_then_forget_in_one_batch_or_two_agree() {
+        let cmds = || {
+            vec![
+                Command::new(1, Op::Decide { txid: txid("t1"), decision: commit(Some("k")) }),
+                Command::new(5, Op::Complete { txid: txid("t1") }),
+                Command::new(9, Op::Forget { before_unix_ms: 6 }),
+                Command::new(9, Op::Decide { txid: txid("t2"), decision: commit(Some("k")) }),
+            ]
+        };
+        let mut one = Fixture::new();
+        let together = one.apply(cmds()).await;
+        let mut two = Fixture::new();
+        let mut apart = Vec::new();
+        for cmd in cmds() {
+            apart.extend(two.apply(vec![cmd]).await);
+        }
+        assert_eq!(together, apart);
+        assert_eq!(together[2], CommandResponse::Forgotten { count: 1 });
+        assert!(matches!(together[3], CommandResponse::Decided { won: true, .. }));
+        assert_eq!(one.sm.list(None, None, 10).await.unwrap(), two.sm.list(None, None, 10).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn forget_never_reaches_past_its_own_time() {
+        let mut f = Fixture::new();
+        f.one(1, Op::Decide { txid: txid("t1"), decision: abort() }).await;
+        f.one(5, Op::Complete { txid: txid("t1") }).await;
+        // Stamped at 4: a cut-off in the future is clamped to 4.
+        assert_eq!(f.one(4, Op::Forget { before_unix_ms: u64::MAX }).await, CommandResponse::Forgotten { count: 0 });
+        assert_eq!(f.one(6, Op::Forget { before_unix_ms: u64::MAX }).await, CommandResponse::Forgotten { count: 1 });
+    }
+
+    #[tokio::test]
+    async fn a_commit_with_other_branches_does_not_win() {
+        let mut f = Fixture::new();
+        f.one(1, Op::Decide { txid: txid("t1"), decision: commit(None) }).await;
+        let other = Decision::Commit { branches: vec![Branch { participant: "c".into() }], idempotency_key: None };
+        let r = f.one(2, Op::Decide { txid: txid("t1"), decision: other }).await;
+        assert!(matches!(r, CommandResponse::Decided { won: false, .. }), "{r:?}");
+        let r = f.one(3, Op::Decide { txid: txid("t1"), decision: commit(None) }).await;
+        assert!(matches!(r, CommandResponse::Decided { won: true, .. }), "{r:?}");
+        f.one(4, Op::Decide { txid: txid("t2"), decision: abort() }).await;
+        let r = f.one(5, Op::Decide { txid: txid("t2"), decision: Decision::Abort { reason: "other".into() } }).await;
+        assert!(matches!(r, CommandResponse::Decided { won: true, .. }), "{r:?}");
     }
 
     #[tokio::test]

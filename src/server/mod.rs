@@ -161,7 +161,9 @@ impl Node {
 }
 
 /// Sends `req` on to the leader, marked as forwarded. If the leader cannot be
-/// reached, answers with the follower's own error, which names the leader.
+/// reached, the request may or may not have arrived, so the answer is
+/// "outcome unknown" (gRPC UNKNOWN), naming the leader; a client retries
+/// only what is safe to repeat.
 pub(crate) async fn forward<Req, Resp, F, Fut>(
     channel: Channel,
     req: Req,
@@ -176,7 +178,7 @@ where
     request.metadata_mut().insert(FORWARDED_KEY, tonic::metadata::MetadataValue::from_static("1"));
     match call(channel, request).await {
         Err(s) if s.code() == tonic::Code::Unavailable && !s.metadata().contains_key(crate::error::LEADER_ADDR_KEY) => {
-            Err(original.into())
+            Err(Error::OutcomeUnknown(format!("forwarding to the leader failed ({original}): {}", s.message())).into())
         }
         other => other,
     }
@@ -197,24 +199,33 @@ pub async fn serve(config: NodeConfig) -> Result<()> {
             _ = term.recv() => {},
         }
     };
-    run_grpc(node.clone(), listener, shutdown).await?;
+    let upkeep = tokio::spawn(forget_expired(node.clone()));
+    let served = run_grpc(node.clone(), listener, shutdown).await;
     tracing::info!("shutting down");
+    upkeep.abort();
+    upkeep.await.ok();
     node.raft.shutdown().await.map_err(Error::internal)?;
-    Ok(())
+    // The last reference closes RocksDB, which must happen before exit.
+    drop(node);
+    served
 }
 
-/// Opens the store and starts Raft and the upkeep tasks.
+/// Opens the store and starts Raft.
 pub async fn start(config: NodeConfig) -> Result<Arc<Node>> {
     let (log_store, state_machine) = crate::raft::open_store(&config.data_dir)?;
     let raft_config = Arc::new(crate::raft::raft_config(&config)?);
     let peers = PeerChannels::default();
-    let raft = Raft::new(config.id, raft_config, NetworkFactory::new(peers.clone()), log_store, state_machine.clone())
-        .await
-        .map_err(|e| Error::Internal(format!("starting raft: {e}")))?;
+    let raft = Raft::new(
+        config.id,
+        raft_config,
+        NetworkFactory::new(peers.clone(), &config.cluster_id)?,
+        log_store,
+        state_machine.clone(),
+    )
+    .await
+    .map_err(|e| Error::Internal(format!("starting raft: {e}")))?;
     tracing::info!(id = config.id, addr = %config.advertise_addr(), data_dir = %config.data_dir.display(), "node started");
-    let node = Arc::new(Node { config, raft, state_machine, peers });
-    tokio::spawn(forget_expired(node.clone()));
-    Ok(node)
+    Ok(Arc::new(Node { config, raft, state_machine, peers }))
 }
 
 /// Serves every gRPC service of `node` on `listener` until `shutdown`.
@@ -235,7 +246,7 @@ pub async fn run_grpc(node: Arc<Node>, listener: TcpListener, shutdown: impl Fut
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
-            proto::raft_server::RaftServer::new(RaftService::new(node.raft.clone()))
+            proto::raft_server::RaftServer::new(RaftService::new(node.raft.clone(), &node.config.cluster_id))
                 .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
         )

@@ -79,7 +79,7 @@ impl TestCluster {
         let addr = format!("127.0.0.1:{}", free_port());
         let root = self.dir.path();
         let config = root.join(format!("node{id}.toml"));
-        let data = root.join(format!("data{id}"));
+        let data = self.data_dir(id);
         std::fs::write(
             &config,
             format!(
@@ -209,6 +209,19 @@ impl TestCluster {
     /// Every record in node `id`'s own state machine, ordered by txid.
     pub async fn local_records(&self, id: u64) -> Vec<TxnRecord> {
         self.pinned(id).list_all_records(None, true).await.expect("local list")
+    }
+
+    /// The last log index in a stopped node's RocksDB, read directly.
+    pub async fn last_log_index_on_disk(&self, id: u64) -> u64 {
+        use openraft::storage::RaftLogStorage;
+        assert!(self.node(id).child.is_none(), "node {id} is running");
+        let (mut log, _sm) = tandem::raft::open_store(&self.data_dir(id)).expect("open the stopped node's store");
+        let state = log.get_log_state().await.expect("log state");
+        state.last_log_id.map_or(0, |l| l.index)
+    }
+
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("data{id}"))
     }
 
     pub fn log_tail(&self, id: u64) -> String {
