@@ -180,6 +180,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,openraft=warn".parse().expect("static filter")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
     match runtime.block_on(run(cli)) {

@@ -207,6 +207,7 @@ pub async fn serve(config: NodeConfig) -> Result<()> {
     node.raft.shutdown().await.map_err(Error::internal)?;
     // The last reference closes RocksDB, which must happen before exit.
     drop(node);
+    tracing::info!("stopped");
     served
 }
 
