@@ -17,6 +17,7 @@
 //! what really holds.
 
 pub mod gid;
+pub mod machine;
 
 use std::fmt;
 
