@@ -9,10 +9,12 @@ TANDEM_BIN="$CARGO_TARGET_DIR/debug/tandem"
 
 log() { printf '==> %s\n' "$*" >&2; }
 
-# Installs the Debian packages the build needs, if missing.
+# Installs the Debian packages the build and the tests need, if missing.
 ensure_build_deps() {
     local missing=()
     dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
+    # Tests start throwaway PostgreSQL servers with initdb/pg_ctl.
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
     command -v cc >/dev/null 2>&1 || missing+=(build-essential)
     if ((${#missing[@]})); then
         log "installing ${missing[*]}"

@@ -13,7 +13,8 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`txn`] | the transaction model: txids, decisions, records (plain data) |
+//! | [`txn`] | the transaction model: txids, decisions, records, gids, the 2PC state machine (no I/O) |
+//! | [`participant`] | the participant adapter trait and the PostgreSQL adapter |
 //! | [`raft`] | openraft wiring: RocksDB log and state machine, node-to-node gRPC |
 //! | [`server`] | the node process: gRPC services, forwarding to the leader, upkeep |
 //! | [`client`] | the Rust client: any node, follows the leader, safe retries |
@@ -52,6 +53,7 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod participant;
 pub mod proto;
 pub mod raft;
 pub mod server;

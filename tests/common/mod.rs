@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Child;
@@ -44,7 +46,7 @@ pub struct TestCluster {
     opts: Options,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
 }
 

@@ -1,0 +1,98 @@
+//! Participants: the systems that take part in a transaction, behind one
+//! trait.
+//!
+//! A participant adapter can open a branch and run statements in it
+//! ([`BranchSession`]), prepare the branch under a gid, commit or roll back a
+//! prepared branch by gid, list the prepared branches it holds that carry
+//! this cluster's prefix (for recovery), and tell how a branch ended when its
+//! gid has vanished (for heuristic detection). PostgreSQL ([`postgres`]) is
+//! the first adapter; remote services and MySQL/MariaDB XA will implement the
+//! same trait.
+
+pub mod postgres;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::txn::gid::Gid;
+
+/// A statement parameter or a returned value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int64(i64),
+    Double(f64),
+    String(String),
+    Bytes(Vec<u8>),
+    /// Text the database converts to the parameter's type: timestamps,
+    /// uuids, numerics, JSON.
+    Text(String),
+}
+
+/// One statement with its parameters (`$1`, `$2`, … in PostgreSQL).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Statement {
+    pub sql: String,
+    pub params: Vec<Value>,
+}
+
+/// What a statement did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StatementResult {
+    pub rows_affected: u64,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Value>>,
+}
+
+/// A prepared branch, as the participant confirmed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    /// The participant's own id of the branch's transaction, kept to learn
+    /// how the branch ended if its gid vanishes.
+    pub xid: Option<u64>,
+}
+
+/// The answer to COMMIT PREPARED or ROLLBACK PREPARED.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase2 {
+    Done,
+    /// No prepared branch of that gid: it ended earlier, one way or the
+    /// other (see [`Participant::branch_outcome`]).
+    GidMissing,
+}
+
+/// A branch open on a participant, until it is prepared or rolled back.
+#[async_trait]
+pub trait BranchSession: Send {
+    async fn execute(&mut self, statement: &Statement) -> Result<StatementResult>;
+
+    /// Prepares the branch under `gid` and confirms it really is prepared (a
+    /// PREPARE of a failed transaction rolls back without an error).
+    async fn prepare(self: Box<Self>, gid: &Gid) -> Result<Prepared>;
+
+    /// Rolls back the unprepared branch.
+    async fn rollback(self: Box<Self>) -> Result<()>;
+}
+
+#[async_trait]
+pub trait Participant: Send + Sync {
+    fn name(&self) -> &str;
+
+    /// Checks the participant can take part in two-phase commit.
+    async fn check(&self) -> Result<()>;
+
+    async fn begin(&self) -> Result<Box<dyn BranchSession>>;
+
+    async fn commit_prepared(&self, gid: &Gid) -> Result<Phase2>;
+
+    async fn rollback_prepared(&self, gid: &Gid) -> Result<Phase2>;
+
+    /// The prepared branches this participant holds with cluster
+    /// `cluster_id`'s prefix.
+    async fn prepared_branches(&self, cluster_id: &str) -> Result<Vec<Gid>>;
+
+    /// How the branch with this xid ended: `Some(true)` committed,
+    /// `Some(false)` rolled back, `None` unknown or still in progress.
+    async fn branch_outcome(&self, xid: u64) -> Result<Option<bool>>;
+}

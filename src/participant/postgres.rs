@@ -1,0 +1,297 @@
+//! The PostgreSQL participant: branches are local transactions prepared with
+//! `PREPARE TRANSACTION`.
+//!
+//! - Every statement runs with parameters sent as text, which PostgreSQL
+//!   converts to each parameter's type, so a client's integer, timestamp or
+//!   JSON lands in whatever column type the statement needs, and a value that
+//!   does not fit is PostgreSQL's clear error.
+//! - Before PREPARE, the branch records its full transaction id
+//!   (`pg_current_xact_id()`); after it, the branch checks `pg_prepared_xacts`
+//!   for its gid, since PREPARE of a failed transaction rolls back silently.
+//! - gids are spliced into `PREPARE TRANSACTION '…'` and `COMMIT PREPARED
+//!   '…'` only after [`Gid::validated`]: `[a-z0-9_]`, nothing to escape.
+//! - The server needs `max_prepared_transactions` above 0; [`check`]
+//!   says so when it is not.
+//!
+//! [`check`]: Participant::check
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use deadpool_postgres::Manager;
+use deadpool_postgres::ManagerConfig;
+use deadpool_postgres::Object;
+use deadpool_postgres::Pool;
+use deadpool_postgres::RecyclingMethod;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Format;
+use tokio_postgres::types::IsNull;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::types::Type;
+
+use super::BranchSession;
+use super::Participant;
+use super::Phase2;
+use super::Prepared;
+use super::Statement;
+use super::StatementResult;
+use super::Value;
+use crate::error::Error;
+use crate::error::Result;
+use crate::txn::gid::Gid;
+
+pub struct PostgresParticipant {
+    name: String,
+    pool: Pool,
+}
+
+impl PostgresParticipant {
+    /// A participant for the database at `url`, with at most `pool_size`
+    /// connections.
+    pub fn new(name: &str, url: &str, pool_size: usize) -> Result<Self> {
+        let config: tokio_postgres::Config =
+            url.parse().map_err(|e| Error::InvalidInput(format!("participant {name}: bad url: {e}")))?;
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::InvalidInput(format!("participant {name}: {e}")))?;
+        Ok(Self { name: name.to_string(), pool })
+    }
+
+    async fn connection(&self) -> Result<Object> {
+        self.pool.get().await.map_err(|e| Error::Unavailable {
+            message: format!("participant {}: no connection: {e}", self.name),
+            leader: None,
+        })
+    }
+
+    async fn finish_prepared(&self, verb: &str, gid: &Gid) -> Result<Phase2> {
+        let gid = gid.validated()?;
+        let conn = self.connection().await?;
+        match conn.batch_execute(&format!("{verb} PREPARED '{gid}'")).await {
+            Ok(()) => Ok(Phase2::Done),
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(Phase2::GidMissing),
+            Err(e) => Err(pg_error(&self.name, e)),
+        }
+    }
+}
+
+/// Sorts a PostgreSQL error: the statement's fault (bad SQL, a constraint,
+/// a value of the wrong type) is the client's; a lost connection is not.
+pub fn pg_error(participant: &str, e: tokio_postgres::Error) -> Error {
+    match e.as_db_error() {
+        Some(db) => {
+            let message = format!("{participant}: {} ({})", db.message(), db.code().code());
+            match db.code().code().get(..2) {
+                // Data exceptions, integrity violations, syntax errors and
+                // undefined objects, invalid transaction state.
+                Some("22" | "23" | "42" | "25" | "2B" | "P0") => Error::InvalidInput(message),
+                // Serialization failures and deadlocks: worth retrying.
+                Some("40") => Error::Unavailable { message, leader: None },
+                _ => Error::FailedPrecondition(message),
+            }
+        }
+        None => Error::Unavailable { message: format!("{participant}: {e}"), leader: None },
+    }
+}
+
+/// A parameter sent in text format, whatever its type.
+#[derive(Debug)]
+struct TextParam(Option<String>);
+
+impl ToSql for TextParam {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.0 {
+            Some(s) => {
+                out.extend_from_slice(s.as_bytes());
+                Ok(IsNull::No)
+            }
+            None => Ok(IsNull::Yes),
+        }
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _ty: &Type) -> Format {
+        Format::Text
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+fn text_param(v: &Value) -> TextParam {
+    TextParam(match v {
+        Value::Null => None,
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Int64(i) => Some(i.to_string()),
+        Value::Double(d) => Some(d.to_string()),
+        Value::String(s) | Value::Text(s) => Some(s.clone()),
+        Value::Bytes(b) => Some(format!("\\x{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())),
+    })
+}
+
+fn column_value(row: &tokio_postgres::Row, i: usize) -> Result<Value> {
+    let ty = row.columns()[i].type_();
+    let bad = |e: tokio_postgres::Error| Error::Internal(format!("decoding column {i}: {e}"));
+    let v = match *ty {
+        Type::BOOL => row.try_get::<_, Option<bool>>(i).map_err(bad)?.map(Value::Bool),
+        Type::INT2 => row.try_get::<_, Option<i16>>(i).map_err(bad)?.map(|v| Value::Int64(v.into())),
+        Type::INT4 => row.try_get::<_, Option<i32>>(i).map_err(bad)?.map(|v| Value::Int64(v.into())),
+        Type::INT8 => row.try_get::<_, Option<i64>>(i).map_err(bad)?.map(Value::Int64),
+        Type::FLOAT4 => row.try_get::<_, Option<f32>>(i).map_err(bad)?.map(|v| Value::Double(v.into())),
+        Type::FLOAT8 => row.try_get::<_, Option<f64>>(i).map_err(bad)?.map(Value::Double),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
+            row.try_get::<_, Option<String>>(i).map_err(bad)?.map(Value::String)
+        }
+        Type::BYTEA => row.try_get::<_, Option<Vec<u8>>>(i).map_err(bad)?.map(Value::Bytes),
+        ref other => {
+            return Err(Error::InvalidInput(format!(
+                "column {:?} has type {other}, which is not returned as is; cast it in the query (e.g. {}::text)",
+                row.columns()[i].name(),
+                row.columns()[i].name()
+            )));
+        }
+    };
+    Ok(v.unwrap_or(Value::Null))
+}
+
+#[async_trait]
+impl Participant for PostgresParticipant {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn check(&self) -> Result<()> {
+        let conn = self.connection().await?;
+        let row = conn.query_one("SHOW max_prepared_transactions", &[]).await.map_err(|e| pg_error(&self.name, e))?;
+        let value: String = row.get(0);
+        if value.trim() == "0" {
+            return Err(Error::FailedPrecondition(format!(
+                "participant {}: the server has max_prepared_transactions = 0, so it cannot take part in \
+                 two-phase commit; set it above 0 (e.g. to max_connections) and restart PostgreSQL",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    async fn begin(&self) -> Result<Box<dyn BranchSession>> {
+        let conn = self.connection().await?;
+        conn.batch_execute("BEGIN").await.map_err(|e| pg_error(&self.name, e))?;
+        Ok(Box::new(PostgresBranch { participant: self.name.clone(), conn: Some(conn) }))
+    }
+
+    async fn commit_prepared(&self, gid: &Gid) -> Result<Phase2> {
+        self.finish_prepared("COMMIT", gid).await
+    }
+
+    async fn rollback_prepared(&self, gid: &Gid) -> Result<Phase2> {
+        self.finish_prepared("ROLLBACK", gid).await
+    }
+
+    async fn prepared_branches(&self, cluster_id: &str) -> Result<Vec<Gid>> {
+        let conn = self.connection().await?;
+        let prefix = Gid::cluster_prefix(cluster_id);
+        let rows = conn
+            .query(
+                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND starts_with(gid, $1)",
+                &[&prefix],
+            )
+            .await
+            .map_err(|e| pg_error(&self.name, e))?;
+        Ok(rows.iter().filter_map(|r| Gid::parse(cluster_id, r.get::<_, &str>(0))).collect())
+    }
+
+    async fn branch_outcome(&self, xid: u64) -> Result<Option<bool>> {
+        let conn = self.connection().await?;
+        let row = conn
+            .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xid.to_string()])
+            .await
+            .map_err(|e| pg_error(&self.name, e))?;
+        Ok(match row.get::<_, Option<&str>>(0) {
+            Some("committed") => Some(true),
+            Some("aborted") => Some(false),
+            _ => None,
+        })
+    }
+}
+
+/// An open PostgreSQL branch: a pooled connection inside `BEGIN`.
+struct PostgresBranch {
+    participant: String,
+    /// Taken when the branch ends; a branch dropped while open is rolled
+    /// back by the pool's recycling check (a connection in a failed or open
+    /// transaction is discarded).
+    conn: Option<Object>,
+}
+
+impl PostgresBranch {
+    fn conn(&self) -> Result<&Object> {
+        self.conn.as_ref().ok_or_else(|| Error::Internal("branch already ended".into()))
+    }
+}
+
+#[async_trait]
+impl BranchSession for PostgresBranch {
+    async fn execute(&mut self, statement: &Statement) -> Result<StatementResult> {
+        let conn = self.conn()?;
+        let params: Vec<TextParam> = statement.params.iter().map(text_param).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let prepared = conn.prepare(&statement.sql).await.map_err(|e| pg_error(&self.participant, e))?;
+        if prepared.columns().is_empty() {
+            let n = conn.execute(&prepared, &refs).await.map_err(|e| pg_error(&self.participant, e))?;
+            return Ok(StatementResult { rows_affected: n, ..Default::default() });
+        }
+        let rows = conn.query(&prepared, &refs).await.map_err(|e| pg_error(&self.participant, e))?;
+        let columns = prepared.columns().iter().map(|c| c.name().to_string()).collect();
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            out.push((0..row.len()).map(|i| column_value(row, i)).collect::<Result<Vec<_>>>()?);
+        }
+        Ok(StatementResult { rows_affected: rows.len() as u64, columns, rows: out })
+    }
+
+    async fn prepare(mut self: Box<Self>, gid: &Gid) -> Result<Prepared> {
+        let gid_text = gid.validated()?;
+        let conn = self.conn.take().ok_or_else(|| Error::Internal("branch already ended".into()))?;
+        let p = &self.participant;
+        let xid: Option<u64> = match conn.query_one("SELECT pg_current_xact_id()::text", &[]).await {
+            Ok(row) => row.get::<_, &str>(0).parse().ok(),
+            // The transaction already failed: PREPARE would roll it back.
+            Err(e) => {
+                conn.batch_execute("ROLLBACK").await.ok();
+                return Err(pg_error(p, e));
+            }
+        };
+        conn.batch_execute(&format!("PREPARE TRANSACTION '{gid_text}'")).await.map_err(|e| pg_error(p, e))?;
+        let prepared = conn
+            .query_opt("SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 AND database = current_database()", &[&gid_text])
+            .await
+            .map_err(|e| pg_error(p, e))?;
+        if prepared.is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "{p}: the branch was rolled back instead of prepared (an earlier statement failed)"
+            )));
+        }
+        Ok(Prepared { xid })
+    }
+
+    async fn rollback(mut self: Box<Self>) -> Result<()> {
+        if let Some(conn) = self.conn.take() {
+            conn.batch_execute("ROLLBACK").await.map_err(|e| pg_error(&self.participant, e))?;
+        }
+        Ok(())
+    }
+}

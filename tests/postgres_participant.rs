@@ -1,0 +1,175 @@
+//! The PostgreSQL participant against a real, throwaway PostgreSQL server.
+
+mod common;
+
+use common::postgres::PgServer;
+use tandem::error::Error;
+use tandem::participant::Participant;
+use tandem::participant::Phase2;
+use tandem::participant::Statement;
+use tandem::participant::Value;
+use tandem::participant::postgres::PostgresParticipant;
+use tandem::txn::TxId;
+use tandem::txn::gid::Gid;
+
+const CLUSTER: &str = "test";
+
+fn gid(txid: &str, branch: u32) -> Gid {
+    Gid::new(CLUSTER, &TxId::parse(txid).unwrap(), branch)
+}
+
+fn stmt(sql: &str, params: Vec<Value>) -> Statement {
+    Statement { sql: sql.into(), params }
+}
+
+async fn setup() -> (PgServer, PostgresParticipant) {
+    let pg = PgServer::start(16);
+    pg.create_database("accounts").await;
+    pg.client("accounts")
+        .await
+        .batch_execute(
+            "CREATE TABLE balances (id bigint PRIMARY KEY, balance bigint NOT NULL CHECK (balance >= 0));
+             INSERT INTO balances SELECT g, 100 FROM generate_series(1, 10) g;
+             CREATE TABLE events (id uuid PRIMARY KEY, at timestamptz, amount numeric(12,2), body jsonb, small int);",
+        )
+        .await
+        .unwrap();
+    let participant = PostgresParticipant::new("accounts_a", &pg.url("accounts"), 4).unwrap();
+    participant.check().await.expect("max_prepared_transactions > 0");
+    (pg, participant)
+}
+
+async fn balance(pg: &PgServer, id: i64) -> i64 {
+    pg.client("accounts").await.query_one("SELECT balance FROM balances WHERE id = $1", &[&id]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_then_commit_prepared() {
+    let (pg, p) = setup().await;
+    let mut branch = p.begin().await.unwrap();
+    let r = branch
+        .execute(&stmt(
+            "UPDATE balances SET balance = balance - $1 WHERE id = $2",
+            vec![Value::Int64(30), Value::Int64(1)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.rows_affected, 1);
+    let r =
+        branch.execute(&stmt("SELECT id, balance FROM balances WHERE id = $1", vec![Value::Int64(1)])).await.unwrap();
+    assert_eq!(r.columns, ["id", "balance"]);
+    assert_eq!(r.rows, vec![vec![Value::Int64(1), Value::Int64(70)]]);
+
+    let g = gid("t1", 0);
+    let prepared = branch.prepare(&g).await.unwrap();
+    assert!(prepared.xid.is_some());
+    assert_eq!(p.prepared_branches(CLUSTER).await.unwrap(), vec![g.clone()]);
+    // Prepared, not committed: invisible outside.
+    assert_eq!(balance(&pg, 1).await, 100);
+
+    assert_eq!(p.commit_prepared(&g).await.unwrap(), Phase2::Done);
+    assert_eq!(balance(&pg, 1).await, 70);
+    assert!(p.prepared_branches(CLUSTER).await.unwrap().is_empty());
+    // Again: the gid is gone, and the branch is known to have committed.
+    assert_eq!(p.commit_prepared(&g).await.unwrap(), Phase2::GidMissing);
+    assert_eq!(p.branch_outcome(prepared.xid.unwrap()).await.unwrap(), Some(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_statement_leaves_nothing_prepared() {
+    let (pg, p) = setup().await;
+    let mut branch = p.begin().await.unwrap();
+    // Violates the CHECK constraint: the client's fault, INVALID_ARGUMENT.
+    let err =
+        branch.execute(&stmt("UPDATE balances SET balance = balance - 500 WHERE id = 2", vec![])).await.unwrap_err();
+    assert!(matches!(&err, Error::InvalidInput(m) if m.contains("balances_balance_check")), "{err:?}");
+    let err = branch.prepare(&gid("t2", 0)).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_) | Error::FailedPrecondition(_)), "{err:?}");
+    assert!(p.prepared_branches(CLUSTER).await.unwrap().is_empty());
+    assert_eq!(balance(&pg, 2).await, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_prepared_and_a_hand_resolved_branch() {
+    let (pg, p) = setup().await;
+    let mut a = p.begin().await.unwrap();
+    a.execute(&stmt("UPDATE balances SET balance = 0 WHERE id = 3", vec![])).await.unwrap();
+    let ga = gid("t3", 0);
+    let xa = a.prepare(&ga).await.unwrap().xid.unwrap();
+    assert_eq!(p.rollback_prepared(&ga).await.unwrap(), Phase2::Done);
+    assert_eq!(p.branch_outcome(xa).await.unwrap(), Some(false));
+    assert_eq!(balance(&pg, 3).await, 100);
+
+    // A DBA rolls back a prepared branch by hand: COMMIT PREPARED then finds
+    // no gid, and the outcome says it was rolled back (a heuristic outcome
+    // if the decision was COMMIT).
+    let mut b = p.begin().await.unwrap();
+    b.execute(&stmt("UPDATE balances SET balance = 1 WHERE id = 4", vec![])).await.unwrap();
+    let gb = gid("t4", 1);
+    let xb = b.prepare(&gb).await.unwrap().xid.unwrap();
+    pg.client("accounts").await.batch_execute(&format!("ROLLBACK PREPARED '{gb}'")).await.unwrap();
+    assert_eq!(p.commit_prepared(&gb).await.unwrap(), Phase2::GidMissing);
+    assert_eq!(p.branch_outcome(xb).await.unwrap(), Some(false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_this_clusters_prepared_branches_are_listed() {
+    let (pg, p) = setup().await;
+    let mine = gid("t5", 0);
+    let mut b = p.begin().await.unwrap();
+    b.execute(&stmt("UPDATE balances SET balance = 5 WHERE id = 5", vec![])).await.unwrap();
+    b.prepare(&mine).await.unwrap();
+    let c = pg.client("accounts").await;
+    c.batch_execute("BEGIN; UPDATE balances SET balance = 6 WHERE id = 6; PREPARE TRANSACTION 'tdm_other_t6_0'")
+        .await
+        .unwrap();
+    c.batch_execute("BEGIN; UPDATE balances SET balance = 7 WHERE id = 7; PREPARE TRANSACTION 'not_ours'")
+        .await
+        .unwrap();
+    assert_eq!(p.prepared_branches(CLUSTER).await.unwrap(), vec![mine.clone()]);
+    p.rollback_prepared(&mine).await.unwrap();
+    c.batch_execute("ROLLBACK PREPARED 'tdm_other_t6_0'").await.unwrap();
+    c.batch_execute("ROLLBACK PREPARED 'not_ours'").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_parameters_convert_to_the_column_type() {
+    let (pg, p) = setup().await;
+    let mut b = p.begin().await.unwrap();
+    let r = b
+        .execute(&stmt(
+            "INSERT INTO events (id, at, amount, body, small) VALUES ($1, $2, $3, $4, $5)",
+            vec![
+                Value::Text("0b5e4f0e-8b4a-4c61-9d36-5f0f1c3b9a11".into()),
+                Value::Text("2026-11-26T10:00:00Z".into()),
+                Value::Text("12.50".into()),
+                Value::Text(r#"{"k": [1, 2]}"#.into()),
+                Value::Int64(7),
+            ],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.rows_affected, 1);
+    let r = b
+        .execute(&stmt("SELECT amount::text, body->>'k', small, NULL::text AS nothing FROM events", vec![]))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.rows,
+        vec![vec![Value::String("12.50".into()), Value::String("[1, 2]".into()), Value::Int64(7), Value::Null]]
+    );
+    // A value that does not fit its column is the client's error.
+    let err = b.execute(&stmt("UPDATE events SET small = $1", vec![Value::Int64(1 << 40)])).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+    b.rollback().await.unwrap();
+    let count: i64 = pg.client("accounts").await.query_one("SELECT count(*) FROM events", &[]).await.unwrap().get(0);
+    assert_eq!(count, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_prepared_transactions_is_reported() {
+    let pg = PgServer::start(0);
+    let p = PostgresParticipant::new("legacy", &pg.url("postgres"), 1).unwrap();
+    let err = p.check().await.unwrap_err();
+    assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains("max_prepared_transactions = 0")), "{err:?}");
+}
