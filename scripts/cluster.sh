@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A local three-node Tandem cluster on loopback.
 #
-#   scripts/cluster.sh up          build, start nodes 1-3, initialise on first start, wait for a leader
+#   scripts/cluster.sh up [--participants FILE]
+#                                  build, start nodes 1-3, initialise on first start, wait for a leader;
+#                                  FILE lists [[participants]] (your own databases) for every node
 #   scripts/cluster.sh down        stop every node (data is kept)
 #   scripts/cluster.sh status      every node's role, term, leader, indexes, membership
 #   scripts/cluster.sh kill N      kill -9 node N
@@ -41,8 +43,16 @@ start_node() {
         return
     fi
     mkdir -p "$TANDEM_HOME/run" "$TANDEM_HOME/logs" "$(data_dir "$n")"
+    # The participants file given to `up` applies to restarts too.
+    local extra=() remembered="$TANDEM_HOME/participants.path"
+    if [ -n "${PARTICIPANTS:-}" ]; then
+        echo "$PARTICIPANTS" >"$remembered"
+    fi
+    if [ -f "$remembered" ]; then
+        extra=(--participants "$(cat "$remembered")")
+    fi
     RUST_LOG="${RUST_LOG:-info,openraft=warn}" nohup "$TANDEM_BIN" serve \
-        --config "$REPO_ROOT/cluster/node$n.toml" --data-dir "$(data_dir "$n")" \
+        --config "$REPO_ROOT/cluster/node$n.toml" --data-dir "$(data_dir "$n")" "${extra[@]}" \
         >>"$(log_file "$n")" 2>&1 &
     echo $! >"$(pid_file "$n")"
     log "node $n started (pid $!)"
@@ -111,7 +121,13 @@ need_node() {
 }
 
 case "${1:-}" in
-    up) up ;;
+    up)
+        if [ "${2:-}" = "--participants" ]; then
+            [ -f "${3:-}" ] || { echo "usage: $0 up [--participants FILE]" >&2; exit 2; }
+            PARTICIPANTS="$(cd "$(dirname "$3")" && pwd)/$(basename "$3")"
+        fi
+        up
+        ;;
     down) for n in "${NODES[@]}"; do stop_node "$n"; done ;;
     status)
         [ -x "$TANDEM_BIN" ] || build_tandem
@@ -131,7 +147,7 @@ case "${1:-}" in
         log "removed $TANDEM_HOME"
         ;;
     *)
-        sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

@@ -51,6 +51,54 @@ pub struct NodeConfig {
     pub limits: Limits,
     #[serde(default)]
     pub retention: Retention,
+    /// The participants, by name; every node loads the same list.
+    #[serde(default)]
+    pub participants: Vec<ParticipantConfig>,
+    /// A TOML file with more `[[participants]]`, read at start-up; relative
+    /// to the config file's directory.
+    #[serde(default)]
+    pub participants_file: Option<PathBuf>,
+}
+
+/// One participant:
+///
+/// ```toml
+/// [[participants]]
+/// name = "accounts_a"
+/// kind = "postgres"
+/// url = "postgres://postgres@127.0.0.1:55432/accounts"
+/// pool_size = 16
+/// ```
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ParticipantConfig {
+    pub name: String,
+    pub kind: ParticipantKind,
+    pub url: String,
+    /// Connections the leader keeps to this participant, at most.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ParticipantKind {
+    Postgres,
+}
+
+fn default_pool_size() -> usize {
+    16
+}
+
+/// Most connections one participant's pool may hold.
+pub const POOL_SIZE_MAX: usize = 1024;
+
+/// The shape of a separate participants file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ParticipantsFile {
+    #[serde(default)]
+    participants: Vec<ParticipantConfig>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -125,9 +173,23 @@ impl NodeConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::InvalidInput(format!("cannot read config {}: {e}", path.display())))?;
-        let config: NodeConfig =
+        let mut config: NodeConfig =
             toml::from_str(&text).map_err(|e| Error::InvalidInput(format!("config {}: {e}", path.display())))?;
+        if let Some(file) = config.participants_file.clone() {
+            let file = path.parent().map_or(file.clone(), |dir| dir.join(&file));
+            config.add_participants_file(&file)?;
+        }
         Ok(config)
+    }
+
+    /// Adds the participants listed in `path` (a `[[participants]]` file).
+    pub fn add_participants_file(&mut self, path: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::InvalidInput(format!("cannot read participants file {}: {e}", path.display())))?;
+        let file: ParticipantsFile = toml::from_str(&text)
+            .map_err(|e| Error::InvalidInput(format!("participants file {}: {e}", path.display())))?;
+        self.participants.extend(file.participants);
+        Ok(())
     }
 
     /// The address other nodes and clients use for this node.
@@ -174,6 +236,19 @@ impl NodeConfig {
         if self.retention.forget_interval_s == 0 {
             return invalid("retention.forget_interval_s must be above 0".into());
         }
+        let mut names = std::collections::BTreeSet::new();
+        for p in &self.participants {
+            crate::txn::validate_participant_name(&p.name)?;
+            if !names.insert(p.name.as_str()) {
+                return invalid(format!("participant {:?} is configured twice", p.name));
+            }
+            if p.url.is_empty() {
+                return invalid(format!("participant {:?} has no url", p.name));
+            }
+            if p.pool_size == 0 || p.pool_size > POOL_SIZE_MAX {
+                return invalid(format!("participant {:?}: pool_size must be 1 to {POOL_SIZE_MAX}", p.name));
+            }
+        }
         Ok(())
     }
 
@@ -198,6 +273,31 @@ mod tests {
         assert_eq!(c.cluster_id, "tandem");
         assert_eq!(c.raft.election_timeout_ms_min, 1000);
         assert_eq!(c.advertise_addr(), "127.0.0.1:7001");
+    }
+
+    #[test]
+    fn participants_parse_and_validate() {
+        let base = "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n";
+        let c = parse(&format!(
+            "{base}[[participants]]\nname = \"accounts_a\"\nkind = \"postgres\"\nurl = \"postgres://h/a\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.participants,
+            vec![ParticipantConfig {
+                name: "accounts_a".into(),
+                kind: ParticipantKind::Postgres,
+                url: "postgres://h/a".into(),
+                pool_size: 16
+            }]
+        );
+        let p = |name: &str, kind: &str, pool: usize| {
+            format!("[[participants]]\nname = \"{name}\"\nkind = \"{kind}\"\nurl = \"u\"\npool_size = {pool}\n")
+        };
+        assert!(parse(&format!("{base}{}{}", p("a", "postgres", 1), p("a", "postgres", 1))).is_err());
+        assert!(parse(&format!("{base}{}", p("a b", "postgres", 1))).is_err());
+        assert!(parse(&format!("{base}{}", p("a", "mongodb", 1))).is_err());
+        assert!(parse(&format!("{base}{}", p("a", "postgres", 0))).is_err());
     }
 
     #[test]

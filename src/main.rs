@@ -58,6 +58,9 @@ struct ServeArgs {
     /// Overrides `cluster_id` in the file.
     #[arg(long, env = "TANDEM_CLUSTER_ID")]
     cluster_id: Option<String>,
+    /// A TOML file of `[[participants]]`, added to those in the config.
+    #[arg(long, env = "TANDEM_PARTICIPANTS")]
+    participants: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -216,6 +219,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(c) = args.cluster_id {
         config.cluster_id = c;
+    }
+    if let Some(file) = args.participants {
+        config.add_participants_file(&file)?;
     }
     tandem::server::serve(config).await
 }

@@ -155,7 +155,7 @@ impl BackgroundWriters {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_new_leader_keeps_writing_and_restarted_node_catches_up_by_snapshot() {
     // Small snapshot interval, so the log the killed node misses is purged.
-    let opts = Options { snapshot_logs_since_last: 100, logs_kept_after_snapshot: 10 };
+    let opts = Options { snapshot_logs_since_last: 100, logs_kept_after_snapshot: 10, ..Options::default() };
     let mut cluster = TestCluster::start(3, opts).await;
     let mut acked = write_decisions(&cluster, &[1, 2, 3], "a", 150, 6).await;
 
@@ -369,4 +369,21 @@ async fn health_and_reflection_answer_on_every_node() {
             assert!(names.iter().any(|n| n == expected), "{addr}: {expected} missing from {names:?}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_without_prepared_transactions_is_reported_at_start() {
+    let pg = common::postgres::PgServer::start(0);
+    let opts = Options {
+        extra_config: format!(
+            "[[participants]]\nname = \"legacy\"\nkind = \"postgres\"\nurl = \"{}\"\npool_size = 2\n",
+            pg.url("postgres")
+        ),
+        ..Options::default()
+    };
+    let cluster = TestCluster::start(1, opts).await;
+    cluster.wait_log(1, "max_prepared_transactions = 0").await;
+    // The node itself keeps serving.
+    let (won, _) = cluster.client().decide(&txid("p", 1), &abort("test")).await.unwrap();
+    assert!(won);
 }

@@ -9,10 +9,17 @@
 //! the first adapter; remote services and MySQL/MariaDB XA will implement the
 //! same trait.
 
+pub mod guard;
 pub mod postgres;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::config::ParticipantConfig;
+use crate::config::ParticipantKind;
+use crate::error::Error;
 use crate::error::Result;
 use crate::txn::gid::Gid;
 
@@ -95,4 +102,50 @@ pub trait Participant: Send + Sync {
     /// How the branch with this xid ended: `Some(true)` committed,
     /// `Some(false)` rolled back, `None` unknown or still in progress.
     async fn branch_outcome(&self, xid: u64) -> Result<Option<bool>>;
+}
+
+/// The configured participants, by name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    by_name: BTreeMap<String, Arc<dyn Participant>>,
+}
+
+impl Registry {
+    pub fn from_config(list: &[ParticipantConfig]) -> Result<Self> {
+        let mut by_name: BTreeMap<String, Arc<dyn Participant>> = BTreeMap::new();
+        for p in list {
+            let participant: Arc<dyn Participant> = match p.kind {
+                ParticipantKind::Postgres => {
+                    Arc::new(postgres::PostgresParticipant::new(&p.name, &p.url, p.pool_size)?)
+                }
+            };
+            by_name.insert(p.name.clone(), participant);
+        }
+        Ok(Self { by_name })
+    }
+
+    /// The participant called `name`, or INVALID_ARGUMENT naming the known
+    /// ones.
+    pub fn get(&self, name: &str) -> Result<Arc<dyn Participant>> {
+        self.by_name.get(name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
+            Error::InvalidInput(format!("unknown participant {name:?} (configured: {})", known.join(", ")))
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    /// Checks every participant and logs what is wrong with each, clearly:
+    /// run at start-up, so a misconfigured database is known before the
+    /// first transaction needs it.
+    pub async fn check_all(&self) {
+        for (name, p) in &self.by_name {
+            match p.check().await {
+                Ok(()) => tracing::info!(participant = %name, "participant ready for two-phase commit"),
+                Err(e) => tracing::error!(participant = %name, "participant cannot take part in transactions: {e}"),
+            }
+        }
+    }
 }

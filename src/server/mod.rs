@@ -50,6 +50,7 @@ use crate::config::NodeConfig;
 use crate::error::Error;
 use crate::error::LeaderHint;
 use crate::error::Result;
+use crate::participant::Registry;
 use crate::proto;
 use crate::raft::Command;
 use crate::raft::CommandResponse;
@@ -72,6 +73,7 @@ pub struct Node {
     pub raft: Raft,
     pub state_machine: StateMachine,
     pub peers: PeerChannels,
+    pub participants: Registry,
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -211,7 +213,8 @@ pub async fn serve(config: NodeConfig) -> Result<()> {
     served
 }
 
-/// Opens the store and starts Raft.
+/// Opens the store, starts Raft and checks the participants (in the
+/// background: a participant that is down must not stop the node).
 pub async fn start(config: NodeConfig) -> Result<Arc<Node>> {
     let (log_store, state_machine) = crate::raft::open_store(&config.data_dir)?;
     let raft_config = Arc::new(crate::raft::raft_config(&config)?);
@@ -226,7 +229,10 @@ pub async fn start(config: NodeConfig) -> Result<Arc<Node>> {
     .await
     .map_err(|e| Error::Internal(format!("starting raft: {e}")))?;
     tracing::info!(id = config.id, addr = %config.advertise_addr(), data_dir = %config.data_dir.display(), "node started");
-    Ok(Arc::new(Node { config, raft, state_machine, peers }))
+    let participants = Registry::from_config(&config.participants)?;
+    let checked = participants.clone();
+    tokio::spawn(async move { checked.check_all().await });
+    Ok(Arc::new(Node { config, raft, state_machine, peers, participants }))
 }
 
 /// Serves every gRPC service of `node` on `listener` until `shutdown`.

@@ -20,15 +20,17 @@ use tandem::txn::TxnRecord;
 /// Generous: the machine has two cores and runs three nodes plus the test.
 pub const WAIT: Duration = Duration::from_secs(60);
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Options {
     pub snapshot_logs_since_last: u64,
     pub logs_kept_after_snapshot: u64,
+    /// Appended to every node's config (e.g. `[[participants]]`).
+    pub extra_config: String,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { snapshot_logs_since_last: 10_000, logs_kept_after_snapshot: 1_000 }
+        Self { snapshot_logs_since_last: 10_000, logs_kept_after_snapshot: 1_000, extra_config: String::new() }
     }
 }
 
@@ -87,10 +89,11 @@ impl TestCluster {
             format!(
                 "id = {id}\ncluster_id = \"test\"\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n\n[raft]\n\
                  election_timeout_ms_min = 1000\nelection_timeout_ms_max = 2000\nheartbeat_interval_ms = 200\n\
-                 snapshot_logs_since_last = {}\nlogs_kept_after_snapshot = {}\n",
+                 snapshot_logs_since_last = {}\nlogs_kept_after_snapshot = {}\n\n{}",
                 data.display(),
                 self.opts.snapshot_logs_since_last,
                 self.opts.logs_kept_after_snapshot,
+                self.opts.extra_config,
             ),
         )
         .unwrap();
@@ -224,6 +227,18 @@ impl TestCluster {
 
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.dir.path().join(format!("data{id}"))
+    }
+
+    /// Waits until node `id`'s log has a line containing `needle`.
+    pub async fn wait_log(&self, id: u64, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if std::fs::read_to_string(&self.node(id).log).unwrap_or_default().contains(needle) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "node {id} never logged {needle:?}; log:\n{}", self.log_tail(id));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn log_tail(&self, id: u64) -> String {
