@@ -5,8 +5,12 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] =
-    &["proto/tandem/v1/cluster.proto", "proto/tandem/v1/decision_log.proto", "proto/tandem/v1/raft.proto"];
+const PROTOS: &[&str] = &[
+    "proto/tandem/v1/cluster.proto",
+    "proto/tandem/v1/decision_log.proto",
+    "proto/tandem/v1/raft.proto",
+    "proto/tandem/v1/transactions.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -16,6 +16,7 @@
 //! | [`txn`] | the transaction model: txids, decisions, records, gids, the 2PC state machine (no I/O) |
 //! | [`participant`] | the participant adapter trait and the PostgreSQL adapter |
 //! | [`raft`] | openraft wiring: RocksDB log and state machine, node-to-node gRPC |
+//! | [`coordinator`] | the 2PC driver on the leader: runs a transaction's state machine against participants and the log |
 //! | [`server`] | the node process: gRPC services, forwarding to the leader, upkeep |
 //! | [`client`] | the Rust client: any node, follows the leader, safe retries |
 //! | [`config`] | node configuration (TOML, flags, environment) |
@@ -52,6 +53,7 @@
 
 pub mod client;
 pub mod config;
+pub mod coordinator;
 pub mod error;
 pub mod participant;
 pub mod proto;

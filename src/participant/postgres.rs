@@ -44,7 +44,13 @@ use crate::txn::gid::Gid;
 
 pub struct PostgresParticipant {
     name: String,
+    /// Connections for branches: held from BEGIN to PREPARE.
     pool: Pool,
+    /// A few connections for everything else (COMMIT/ROLLBACK PREPARED,
+    /// listing, outcome checks), so that finishing prepared branches, which
+    /// releases their locks, never waits behind branches that wait on those
+    /// very locks.
+    control: Pool,
 }
 
 impl PostgresParticipant {
@@ -53,27 +59,42 @@ impl PostgresParticipant {
     pub fn new(name: &str, url: &str, pool_size: usize) -> Result<Self> {
         let config: tokio_postgres::Config =
             url.parse().map_err(|e| Error::InvalidInput(format!("participant {name}: bad url: {e}")))?;
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager)
-            .max_size(pool_size.max(1))
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(5)))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .build()
-            .map_err(|e| Error::InvalidInput(format!("participant {name}: {e}")))?;
-        Ok(Self { name: name.to_string(), pool })
+        let pool_of = |size: usize| {
+            let manager =
+                Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            Pool::builder(manager)
+                .max_size(size)
+                .wait_timeout(Some(Duration::from_secs(10)))
+                .create_timeout(Some(Duration::from_secs(5)))
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .build()
+                .map_err(|e| Error::InvalidInput(format!("participant {name}: {e}")))
+        };
+        let pool = pool_of(pool_size.max(1))?;
+        let control = pool_of((pool_size / 4).clamp(2, 8))?;
+        Ok(Self { name: name.to_string(), pool, control })
     }
 
-    async fn connection(&self) -> Result<Object> {
-        self.pool.get().await.map_err(|e| Error::Unavailable {
+    async fn get(&self, pool: &Pool) -> Result<Object> {
+        pool.get().await.map_err(|e| Error::Unavailable {
             message: format!("participant {}: no connection: {e}", self.name),
             leader: None,
         })
     }
 
+    /// A connection for a branch.
+    async fn connection(&self) -> Result<Object> {
+        self.get(&self.pool).await
+    }
+
+    /// A connection for phase 2 and bookkeeping.
+    async fn control_connection(&self) -> Result<Object> {
+        self.get(&self.control).await
+    }
+
     async fn finish_prepared(&self, verb: &str, gid: &Gid) -> Result<Phase2> {
         let gid = gid.validated()?;
-        let conn = self.connection().await?;
+        let conn = self.control_connection().await?;
         match conn.batch_execute(&format!("{verb} PREPARED '{gid}'")).await {
             Ok(()) => Ok(Phase2::Done),
             Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(Phase2::GidMissing),
@@ -174,7 +195,7 @@ impl Participant for PostgresParticipant {
     }
 
     async fn check(&self) -> Result<()> {
-        let conn = self.connection().await?;
+        let conn = self.control_connection().await?;
         let row = conn.query_one("SHOW max_prepared_transactions", &[]).await.map_err(|e| pg_error(&self.name, e))?;
         let value: String = row.get(0);
         if value.trim() == "0" {
@@ -202,7 +223,7 @@ impl Participant for PostgresParticipant {
     }
 
     async fn prepared_branches(&self, cluster_id: &str) -> Result<Vec<Gid>> {
-        let conn = self.connection().await?;
+        let conn = self.control_connection().await?;
         let prefix = Gid::cluster_prefix(cluster_id);
         let rows = conn
             .query(
@@ -215,7 +236,7 @@ impl Participant for PostgresParticipant {
     }
 
     async fn branch_outcome(&self, xid: u64) -> Result<Option<bool>> {
-        let conn = self.connection().await?;
+        let conn = self.control_connection().await?;
         let row = conn
             .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xid.to_string()])
             .await
@@ -231,10 +252,19 @@ impl Participant for PostgresParticipant {
 /// An open PostgreSQL branch: a pooled connection inside `BEGIN`.
 struct PostgresBranch {
     participant: String,
-    /// Taken when the branch ends; a branch dropped while open is rolled
-    /// back by the pool's recycling check (a connection in a failed or open
-    /// transaction is discarded).
+    /// Taken when the branch ends (prepared or rolled back).
     conn: Option<Object>,
+}
+
+impl Drop for PostgresBranch {
+    /// A branch dropped while its transaction is open (a deadline, a lost
+    /// client) must not hand that connection back to the pool: it is closed
+    /// instead, and PostgreSQL rolls the transaction back.
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(Object::take(conn));
+        }
+    }
 }
 
 impl PostgresBranch {

@@ -1,7 +1,14 @@
 //! Conversions between protobuf messages and domain types, all in one place.
 
+use std::time::Duration;
+
+use crate::coordinator::BranchSpec;
+use crate::coordinator::TransactOutcome;
+use crate::coordinator::TransactSpec;
 use crate::error::Error;
 use crate::error::Result;
+use crate::participant::Statement;
+use crate::participant::Value;
 use crate::proto as pb;
 use crate::raft::COMMAND_VERSION;
 use crate::raft::Node;
@@ -99,4 +106,78 @@ pub fn member_from_pb(m: &pb::Member) -> Result<(NodeId, Node)> {
     }
     crate::raft::network::endpoint(&m.addr)?;
     Ok((m.id, Node { addr: m.addr.clone() }))
+}
+
+pub fn value_from_pb(v: &pb::Value) -> Result<Value> {
+    use pb::value::Kind;
+    Ok(match v.kind.as_ref().ok_or_else(|| Error::InvalidInput("a parameter has no value".into()))? {
+        Kind::Null(_) => Value::Null,
+        Kind::Bool(b) => Value::Bool(*b),
+        Kind::Int64(i) => Value::Int64(*i),
+        Kind::Double(d) => Value::Double(*d),
+        Kind::String(s) => Value::String(s.clone()),
+        Kind::Bytes(b) => Value::Bytes(b.clone()),
+        Kind::Timestamp(s) | Kind::Uuid(s) | Kind::Numeric(s) | Kind::Json(s) => Value::Text(s.clone()),
+    })
+}
+
+pub fn value_to_pb(v: &Value) -> pb::Value {
+    use pb::value::Kind;
+    let kind = match v {
+        Value::Null => Kind::Null(true),
+        Value::Bool(b) => Kind::Bool(*b),
+        Value::Int64(i) => Kind::Int64(*i),
+        Value::Double(d) => Kind::Double(*d),
+        Value::String(s) | Value::Text(s) => Kind::String(s.clone()),
+        Value::Bytes(b) => Kind::Bytes(b.clone()),
+    };
+    pb::Value { kind: Some(kind) }
+}
+
+pub fn transact_from_pb(req: &pb::TransactRequest) -> Result<TransactSpec> {
+    let mut branches = Vec::with_capacity(req.branches.len());
+    for b in &req.branches {
+        let mut statements = Vec::with_capacity(b.statements.len());
+        for s in &b.statements {
+            let params = s.params.iter().map(value_from_pb).collect::<Result<Vec<_>>>()?;
+            statements.push(Statement { sql: s.sql.clone(), params });
+        }
+        branches.push(BranchSpec { participant: b.participant.clone(), statements });
+    }
+    Ok(TransactSpec {
+        branches,
+        timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms.into())),
+        idempotency_key: Some(req.idempotency_key.clone()).filter(|k| !k.is_empty()),
+    })
+}
+
+pub fn transact_to_pb(o: &TransactOutcome, participants: &[String]) -> pb::TransactResponse {
+    let name = |i: &usize| participants.get(*i).cloned().unwrap_or_default();
+    pb::TransactResponse {
+        txid: o.txid.to_string(),
+        outcome: if o.aborted.is_none() { pb::Outcome::Committed } else { pb::Outcome::Aborted } as i32,
+        reason: o.aborted.clone().unwrap_or_default(),
+        branches: o
+            .results
+            .iter()
+            .enumerate()
+            .map(|(i, results)| pb::BranchResult {
+                participant: name(&i),
+                results: results
+                    .iter()
+                    .map(|r| pb::StatementResult {
+                        rows_affected: r.rows_affected,
+                        columns: r.columns.clone(),
+                        rows: r
+                            .rows
+                            .iter()
+                            .map(|row| pb::Row { values: row.iter().map(value_to_pb).collect() })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        pending: o.pending.iter().map(name).collect(),
+        heuristic: o.heuristic.iter().map(name).collect(),
+    }
 }

@@ -32,6 +32,7 @@ macro_rules! local_or_forward {
 pub mod cluster;
 pub mod convert;
 pub mod decision_log;
+pub mod transactions;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,6 +121,17 @@ impl Node {
 
     /// The error for a request that needs the leader, on a node that is not.
     pub(crate) fn not_leader(&self, f: &ForwardToLeader<TypeConfig>) -> Error {
+        self.not_leader_hint(f.leader_id, f.leader_node.as_ref())
+    }
+
+    /// [`Self::not_leader`], from what this node knows of the leader now.
+    pub(crate) fn not_leader_now(&self) -> Error {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let leader_node = m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).cloned());
+        self.not_leader_hint(m.current_leader, leader_node.as_ref())
+    }
+
+    fn not_leader_hint(&self, leader_id: Option<u64>, leader_node: Option<&crate::raft::Node>) -> Error {
         let initialized = self.raft.metrics().borrow_watched().membership_config.voter_ids().next().is_some();
         if !initialized {
             return Error::FailedPrecondition(format!(
@@ -127,8 +139,8 @@ impl Node {
                 self.config.id
             ));
         }
-        let leader = match (&f.leader_id, &f.leader_node) {
-            (Some(id), Some(node)) => Some(LeaderHint { id: *id, addr: node.addr.clone() }),
+        let leader = match (leader_id, leader_node) {
+            (Some(id), Some(node)) => Some(LeaderHint { id, addr: node.addr.clone() }),
             _ => None,
         };
         let message = match &leader {
@@ -243,6 +255,10 @@ pub async fn run_grpc(node: Arc<Node>, listener: TcpListener, shutdown: impl Fut
     health_reporter
         .set_serving::<proto::decision_log_server::DecisionLogServer<decision_log::DecisionLogService>>()
         .await;
+    health_reporter
+        .set_serving::<proto::transactions_server::TransactionsServer<transactions::TransactionsService>>()
+        .await;
+    let coordinator = Arc::new(crate::coordinator::Coordinator::new(node.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -264,6 +280,13 @@ pub async fn run_grpc(node: Arc<Node>, listener: TcpListener, shutdown: impl Fut
         .add_service(
             proto::decision_log_server::DecisionLogServer::new(decision_log::DecisionLogService::new(node.clone()))
                 .max_decoding_message_size(request_max),
+        )
+        .add_service(
+            proto::transactions_server::TransactionsServer::new(transactions::TransactionsService::new(
+                node.clone(),
+                coordinator,
+            ))
+            .max_decoding_message_size(request_max),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -129,15 +129,7 @@ impl Decision {
                     validate_participant_name(&branch.participant)?;
                 }
                 if let Some(key) = idempotency_key {
-                    if key.is_empty() {
-                        return Err(Error::InvalidInput("idempotency key is empty".into()));
-                    }
-                    if key.len() > IDEMPOTENCY_KEY_LEN_MAX {
-                        return Err(Error::InvalidInput(format!(
-                            "idempotency key is {} bytes, longer than {IDEMPOTENCY_KEY_LEN_MAX}",
-                            key.len()
-                        )));
-                    }
+                    validate_idempotency_key(key)?;
                 }
                 Ok(())
             }
@@ -152,6 +144,20 @@ impl Decision {
             }
         }
     }
+}
+
+/// An idempotency key: 1 to 128 bytes.
+pub fn validate_idempotency_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::InvalidInput("idempotency key is empty".into()));
+    }
+    if key.len() > IDEMPOTENCY_KEY_LEN_MAX {
+        return Err(Error::InvalidInput(format!(
+            "idempotency key is {} bytes, longer than {IDEMPOTENCY_KEY_LEN_MAX}",
+            key.len()
+        )));
+    }
+    Ok(())
 }
 
 /// A participant name: 1 to 64 characters of `[A-Za-z0-9_-]`.

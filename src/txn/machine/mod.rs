@@ -69,8 +69,10 @@ pub enum BranchState {
     Prepared {
         xid: Option<u64>,
     },
-    /// PREPARE failed: the participant rolled the branch back itself.
-    PrepareFailed,
+    /// PREPARE failed, or its answer was lost: the branch is most likely
+    /// rolled back, but may be prepared (a PREPARE that succeeded just before
+    /// a deadline or a broken connection), so it is rolled back by gid too.
+    MaybePrepared,
     /// Phase 2 failed `attempts` times; a retry is due after a delay.
     Retrying {
         attempts: u32,
@@ -93,13 +95,7 @@ pub enum BranchState {
 impl BranchState {
     /// No more work on this branch.
     fn settled(&self) -> bool {
-        matches!(
-            self,
-            BranchState::PrepareFailed
-                | BranchState::Committed
-                | BranchState::RolledBack
-                | BranchState::Heuristic { .. }
-        )
+        matches!(self, BranchState::Committed | BranchState::RolledBack | BranchState::Heuristic { .. })
     }
 
     fn attempts(&self) -> u32 {
@@ -293,7 +289,7 @@ impl Txn {
             (Phase::Preparing, Event::PrepareFailed { branch, reason })
                 if self.is(branch, |s| *s == BranchState::Preparing) =>
             {
-                self.branches[branch] = BranchState::PrepareFailed;
+                self.branches[branch] = BranchState::MaybePrepared;
                 self.start_abort(
                     format!("branch {branch} ({}) failed to prepare: {reason}", self.participants[branch]),
                     &mut actions,
@@ -310,8 +306,8 @@ impl Txn {
             (Phase::Aborting, Event::PrepareFailed { branch, .. })
                 if self.is(branch, |s| *s == BranchState::Preparing) =>
             {
-                self.branches[branch] = BranchState::PrepareFailed;
-                self.finish_if_settled(&mut actions);
+                self.branches[branch] = BranchState::MaybePrepared;
+                actions.push(Action::RollbackPrepared { branch });
             }
             (Phase::Deciding, Event::Decided(decision)) => {
                 let ours = decision == self.commit_decision();
@@ -352,6 +348,14 @@ impl Txn {
             {
                 actions.push(self.phase2_action(branch));
             }
+            // Rolling back a branch never confirmed prepared: no gid means it
+            // was rolled back (or never prepared), and no xid can tell more.
+            (Phase::Aborting, Event::GidMissing { branch })
+                if self.in_phase2(branch) && self.branches[branch].xid().is_none() =>
+            {
+                self.branches[branch] = BranchState::RolledBack;
+                self.finish_if_settled(&mut actions);
+            }
             (Phase::Committing | Phase::Aborting, Event::GidMissing { branch }) if self.in_phase2(branch) => {
                 let (attempts, xid) = (self.branches[branch].attempts(), self.branches[branch].xid());
                 self.branches[branch] = BranchState::Checking { attempts, xid };
@@ -391,7 +395,9 @@ impl Txn {
 
     /// A branch waiting on a phase-2 answer.
     fn in_phase2(&self, branch: usize) -> bool {
-        self.is(branch, |s| matches!(s, BranchState::Prepared { .. } | BranchState::Retrying { .. }))
+        self.is(branch, |s| {
+            matches!(s, BranchState::Prepared { .. } | BranchState::MaybePrepared | BranchState::Retrying { .. })
+        })
     }
 
     /// The phase-2 call for a branch. Retried after a vanished gid too: it
@@ -428,7 +434,7 @@ impl Txn {
         self.phase = Phase::Aborting;
         self.abort_reason = Some(reason.clone());
         for (branch, state) in self.branches.iter().enumerate() {
-            if matches!(state, BranchState::Prepared { .. }) {
+            if matches!(state, BranchState::Prepared { .. } | BranchState::MaybePrepared) {
                 actions.push(Action::RollbackPrepared { branch });
             }
         }
@@ -480,7 +486,7 @@ impl fmt::Display for BranchState {
             BranchState::Preparing => write!(f, "preparing"),
             BranchState::Prepared { xid: Some(x) } => write!(f, "prepared(xid={x})"),
             BranchState::Prepared { xid: None } => write!(f, "prepared"),
-            BranchState::PrepareFailed => write!(f, "prepare-failed"),
+            BranchState::MaybePrepared => write!(f, "maybe-prepared"),
             BranchState::Retrying { attempts, .. } => write!(f, "retrying({attempts})"),
             BranchState::Checking { .. } => write!(f, "checking"),
             BranchState::Committed => write!(f, "committed"),
