@@ -5,9 +5,9 @@
 //! business operation, so the operation lands everywhere or nowhere, also when
 //! a coordinator node dies in the middle of it.
 //!
-//! Today the crate holds the foundation: the replicated, durable *decision
-//! log* and the cluster that keeps it. The 2PC driver and the participant
-//! adapters build on it.
+//! The crate holds the replicated, durable *decision log* and the cluster
+//! that keeps it, and on top a first cut of two-phase commit: the one-shot
+//! `Transact` call across PostgreSQL participants.
 //!
 //! # Module map
 //!
@@ -48,8 +48,25 @@
 //! 4. Later a `Complete` command marks phase 2 done, and after the retention
 //!    time a `Forget` command drops the record and its idempotency key.
 //!
-//! What the decision means for participants (PREPARE, COMMIT PREPARED,
-//! recovery) is the 2PC driver's job, built on this log.
+//! # Life of a transaction (one-shot `Transact`)
+//!
+//! 1. Any node takes the request; a follower forwards it to the leader.
+//! 2. The leader checks it (known participants, limits, no
+//!    transaction-control SQL) and makes a txid
+//!    ([`coordinator::Coordinator::transact`]).
+//! 3. For every branch in parallel: BEGIN, the statements, `PREPARE
+//!    TRANSACTION` under a gid derived from cluster id, txid and branch
+//!    ([`txn::gid`]), and a check that the branch really is prepared.
+//! 4. Any failure: every branch is rolled back (by gid), the client is told
+//!    ABORTED; nothing is written to the log (presumed abort).
+//! 5. All prepared: COMMIT is recorded through Raft; phase 2 follows the
+//!    decision *applied*, which may be another one that was recorded first.
+//! 6. `COMMIT PREPARED` on every branch in parallel, then the answer; a
+//!    branch that fails is retried with capped backoff and named as pending.
+//! 7. A `Complete` record; after the retention time, `Forget`.
+//!
+//! The transitions are plain data ([`txn::machine`]); the driver only
+//! carries out the actions they return.
 
 pub mod client;
 pub mod config;
