@@ -114,6 +114,9 @@ fn transfer(from: i64, to: i64, amount: i64) -> pb::TransactRequest {
                 )],
             },
         ],
+        // Branches on two databases can deadlock across them, which neither
+        // database sees; the transaction's deadline breaks such a cycle.
+        timeout_ms: 5_000,
         ..Default::default()
     }
 }
