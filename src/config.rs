@@ -51,6 +51,8 @@ pub struct NodeConfig {
     pub limits: Limits,
     #[serde(default)]
     pub retention: Retention,
+    #[serde(default)]
+    pub coordinator: CoordinatorConfig,
     /// The participants, by name; every node loads the same list.
     #[serde(default)]
     pub participants: Vec<ParticipantConfig>,
@@ -165,6 +167,20 @@ impl Default for Retention {
     }
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// How often the leader reconciles prepared branches and re-drives
+    /// decided, incomplete transactions.
+    pub recovery_interval_ms: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self { recovery_interval_ms: 5_000 }
+    }
+}
+
 fn default_cluster_id() -> String {
     "tandem".to_string()
 }
@@ -232,6 +248,9 @@ impl NodeConfig {
         }
         if self.limits.list_page_max == 0 {
             return invalid("limits.list_page_max must be above 0".into());
+        }
+        if self.coordinator.recovery_interval_ms == 0 {
+            return invalid("coordinator.recovery_interval_ms must be above 0".into());
         }
         if self.retention.forget_interval_s == 0 {
             return invalid("retention.forget_interval_s must be above 0".into());

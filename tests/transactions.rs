@@ -20,6 +20,11 @@ struct Bank {
 
 impl Bank {
     async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// `extra` is appended to every node's config.
+    async fn start_with(extra: &str) -> Self {
         let (a, b) = (PgServer::start(64), PgServer::start(64));
         for pg in [&a, &b] {
             pg.create_database("accounts").await;
@@ -39,7 +44,7 @@ impl Bank {
             )
         };
         let opts = Options {
-            extra_config: format!("{}{}", participant("accounts_a", &a), participant("accounts_b", &b)),
+            extra_config: format!("{extra}\n{}{}", participant("accounts_a", &a), participant("accounts_b", &b)),
             ..Options::default()
         };
         let cluster = TestCluster::start(3, opts).await;
@@ -196,4 +201,69 @@ async fn concurrent_transfers_keep_the_total_exact() {
     assert_eq!(Bank::total(&bank.b).await, ACCOUNTS * OPENING + moved);
     assert_eq!(Bank::total(&bank.a).await + Bank::total(&bank.b).await, 2 * ACCOUNTS * OPENING);
     bank.no_prepared_left().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_settles_prepared_branches_by_the_log() {
+    let bank = Bank::start_with("[coordinator]\nrecovery_interval_ms = 300\n").await;
+    let (a, b) = (bank.a.client("accounts").await, bank.b.client("accounts").await);
+    // An orphan: prepared with this cluster's prefix, no decision recorded.
+    a.batch_execute("BEGIN; UPDATE balances SET balance = 0 WHERE id = 9; PREPARE TRANSACTION 'tdm_test_orphan1_0'")
+        .await
+        .unwrap();
+    // Prepared on both sides with a COMMIT recorded, as if the leader died
+    // between the decision and COMMIT PREPARED.
+    a.batch_execute(
+        "BEGIN; UPDATE balances SET balance = balance - 1 WHERE id = 10; PREPARE TRANSACTION 'tdm_test_decided1_0'",
+    )
+    .await
+    .unwrap();
+    b.batch_execute(
+        "BEGIN; UPDATE balances SET balance = balance + 1 WHERE id = 10; PREPARE TRANSACTION 'tdm_test_decided1_1'",
+    )
+    .await
+    .unwrap();
+    let decided = tandem::txn::TxId::parse("decided1").unwrap();
+    let commit = tandem::txn::Decision::Commit {
+        branches: ["accounts_a", "accounts_b"].map(|p| tandem::txn::Branch { participant: p.into() }).to_vec(),
+        idempotency_key: None,
+    };
+    let mut log = bank.cluster.client();
+    log.decide(&decided, &commit).await.unwrap();
+    // Another cluster's branch is none of our business.
+    a.batch_execute("BEGIN; UPDATE balances SET balance = 7 WHERE id = 8; PREPARE TRANSACTION 'tdm_other_x1_0'")
+        .await
+        .unwrap();
+
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let ours: i64 = a
+            .query_one("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'tdm_test_%'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if ours + Bank::prepared(&bank.b).await == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "reconciliation left {ours} branches in accounts_a");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let get = |row: tokio_postgres::Row| row.get::<_, i64>(0);
+    let q = "SELECT balance FROM balances WHERE id = $1";
+    assert_eq!(get(a.query_one(q, &[&9i64]).await.unwrap()), OPENING, "the orphan was rolled back");
+    assert_eq!(get(a.query_one(q, &[&10i64]).await.unwrap()), OPENING - 1, "the decided branch was committed");
+    assert_eq!(get(b.query_one(q, &[&10i64]).await.unwrap()), OPENING + 1, "the decided branch was committed");
+    let orphan = log.get_record(&tandem::txn::TxId::parse("orphan1").unwrap(), false).await.unwrap().unwrap();
+    assert!(!orphan.decision.is_commit(), "ABORT is recorded for the orphan: {orphan:?}");
+    // With every branch committed, the record is completed.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while log.get_record(&decided, false).await.unwrap().unwrap().completed_unix_ms.is_none() {
+        assert!(std::time::Instant::now() < deadline, "decided1 never completed");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The foreign branch is still there.
+    let foreign: i64 =
+        a.query_one("SELECT count(*) FROM pg_prepared_xacts WHERE gid = 'tdm_other_x1_0'", &[]).await.unwrap().get(0);
+    assert_eq!(foreign, 1);
+    a.batch_execute("ROLLBACK PREPARED 'tdm_other_x1_0'").await.unwrap();
 }

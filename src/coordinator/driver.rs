@@ -64,7 +64,10 @@ pub struct TransactOutcome {
 }
 
 pub struct Coordinator {
-    node: Arc<Node>,
+    pub(super) node: Arc<Node>,
+    /// Transactions this node's drivers are running: recovery leaves them
+    /// alone.
+    in_flight: Arc<Mutex<std::collections::HashSet<TxId>>>,
     /// Makes txids unique within this process.
     sequence: AtomicU64,
     backoff: Backoff,
@@ -72,7 +75,16 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn new(node: Arc<Node>) -> Self {
-        Self { node, sequence: AtomicU64::new(0), backoff: Backoff { first_ms: 100, max_ms: 10_000 } }
+        Self {
+            node,
+            in_flight: Arc::default(),
+            sequence: AtomicU64::new(0),
+            backoff: Backoff { first_ms: 100, max_ms: 10_000 },
+        }
+    }
+
+    pub(super) fn in_flight(&self, txid: &TxId) -> bool {
+        self.in_flight.lock().expect("in-flight lock").contains(txid)
     }
 
     /// A new txid: time, node and a per-process sequence, in base 36.
@@ -123,6 +135,7 @@ impl Coordinator {
         }
 
         let txid = self.new_txid();
+        self.in_flight.lock().expect("in-flight lock").insert(txid.clone());
         let (answer_tx, answer_rx) = oneshot::channel();
         let driver = Driver {
             node: self.node.clone(),
@@ -137,7 +150,12 @@ impl Coordinator {
             results: Arc::default(),
             answer: Some(answer_tx),
         };
-        tokio::spawn(driver.run(timeout));
+        let in_flight = self.in_flight.clone();
+        tokio::spawn(async move {
+            let txid = driver.txid.clone();
+            driver.run(timeout).await;
+            in_flight.lock().expect("in-flight lock").remove(&txid);
+        });
         answer_rx
             .await
             .map_err(|_| Error::OutcomeUnknown(format!("transaction {txid}: the driver stopped before an outcome")))?

@@ -9,11 +9,15 @@
 //! COMPLETE record at the end. The client is answered as soon as the state
 //! machine says so; the driver keeps going until every branch is settled.
 //!
-//! Not yet here: interactive transactions, recovery on a new leader and the
-//! reconciliation of orphan prepared branches (a transaction whose leader
-//! dies mid-way is left to them), batching of COMPLETE records.
+//! [`recovery`] settles what a driver left: on the leader, periodically, it
+//! resolves orphan prepared branches (recording ABORT where no decision
+//! exists) and re-drives decided, incomplete transactions.
+//!
+//! Not yet here: interactive transactions, batching of COMPLETE records,
+//! outcome checks (heuristics) during recovery.
 
 pub mod driver;
+pub mod recovery;
 
 pub use driver::BranchSpec;
 pub use driver::Coordinator;

@@ -213,11 +213,20 @@ pub async fn serve(config: NodeConfig) -> Result<()> {
             _ = term.recv() => {},
         }
     };
-    let upkeep = tokio::spawn(forget_expired(node.clone()));
-    let served = run_grpc(node.clone(), listener, shutdown).await;
+    let coordinator = Arc::new(crate::coordinator::Coordinator::new(node.clone()));
+    let upkeep = [
+        tokio::spawn(forget_expired(node.clone())),
+        tokio::spawn(crate::coordinator::recovery::run(
+            coordinator.clone(),
+            Duration::from_millis(node.config.coordinator.recovery_interval_ms),
+        )),
+    ];
+    let served = run_grpc(node.clone(), coordinator, listener, shutdown).await;
     tracing::info!("shutting down");
-    upkeep.abort();
-    upkeep.await.ok();
+    for task in upkeep {
+        task.abort();
+        task.await.ok();
+    }
     node.raft.shutdown().await.map_err(Error::internal)?;
     // The last reference closes RocksDB, which must happen before exit.
     drop(node);
@@ -248,7 +257,12 @@ pub async fn start(config: NodeConfig) -> Result<Arc<Node>> {
 }
 
 /// Serves every gRPC service of `node` on `listener` until `shutdown`.
-pub async fn run_grpc(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn run_grpc(
+    node: Arc<Node>,
+    coordinator: Arc<crate::coordinator::Coordinator>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let request_max = node.config.limits.request_bytes_max.saturating_mul(2).max(4 << 20);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<proto::cluster_server::ClusterServer<cluster::ClusterService>>().await;
@@ -258,7 +272,6 @@ pub async fn run_grpc(node: Arc<Node>, listener: TcpListener, shutdown: impl Fut
     health_reporter
         .set_serving::<proto::transactions_server::TransactionsServer<transactions::TransactionsService>>()
         .await;
-    let coordinator = Arc::new(crate::coordinator::Coordinator::new(node.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

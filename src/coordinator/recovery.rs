@@ -1,0 +1,144 @@
+//! Recovery and reconciliation, on the leader: on becoming leader and every
+//! `coordinator.recovery_interval_ms`.
+//!
+//! 1. Wait until this leader has applied every decision a previous leader
+//!    made (a linearizable read barrier).
+//! 2. Scan every participant for prepared branches with this cluster's gid
+//!    prefix. For each whose transaction is not in flight on this leader:
+//!    with no decision recorded, record ABORT through Raft (presumed abort;
+//!    the compare-and-set then says what really holds), and finish the
+//!    branch the way the decision that holds says.
+//! 3. Re-drive every decided, incomplete COMMIT not in flight here: COMMIT
+//!    PREPARED on each branch it names, then COMPLETE. An incomplete ABORT
+//!    is complete once no branch of it is prepared anywhere.
+//!
+//! Every action follows a decision that was applied, so a deposed leader
+//! that is still driving the same transaction cannot make it go both ways.
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Coordinator;
+use crate::error::Result;
+use crate::participant::Phase2;
+use crate::raft::CommandResponse;
+use crate::raft::Op;
+use crate::txn::Decision;
+use crate::txn::RecordState;
+use crate::txn::TxId;
+use crate::txn::gid::Gid;
+
+/// Runs recovery rounds while the node lives.
+pub async fn run(coordinator: Arc<Coordinator>, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        if !coordinator.node.raft.is_leader() {
+            continue;
+        }
+        if let Err(e) = coordinator.recover_once().await {
+            tracing::warn!(error = %e, "recovery round failed; will retry");
+        }
+    }
+}
+
+impl Coordinator {
+    /// One round of recovery and reconciliation.
+    pub async fn recover_once(&self) -> Result<()> {
+        let node = &self.node;
+        node.linearize().await?;
+        let cluster_id = node.config.cluster_id.clone();
+
+        // Prepared branches, by txid.
+        let mut prepared: BTreeMap<TxId, Vec<(String, Gid)>> = BTreeMap::new();
+        for name in node.participants.names().map(str::to_string).collect::<Vec<_>>() {
+            let participant = node.participants.get(&name)?;
+            match participant.prepared_branches(&cluster_id).await {
+                Ok(gids) => {
+                    for gid in gids {
+                        prepared.entry(gid.txid.clone()).or_default().push((name.clone(), gid));
+                    }
+                }
+                Err(e) => tracing::warn!(participant = %name, error = %e, "cannot list prepared branches"),
+            }
+        }
+
+        for (txid, branches) in &prepared {
+            if self.in_flight(txid) {
+                continue;
+            }
+            let decision = match node.state_machine.get(txid.clone()).await? {
+                Some(record) => record.decision,
+                None => {
+                    let reason = "no decision was recorded before its leader stopped (presumed abort)".to_string();
+                    match node.propose(Op::Decide { txid: txid.clone(), decision: Decision::Abort { reason } }).await? {
+                        CommandResponse::Decided { record, .. } => record.decision,
+                        other => return Err(crate::error::Error::Internal(format!("unexpected {other:?}"))),
+                    }
+                }
+            };
+            for (name, gid) in branches {
+                let participant = node.participants.get(name)?;
+                let named_in_commit = match &decision {
+                    Decision::Commit { branches, .. } => {
+                        branches.get(gid.branch as usize).is_some_and(|b| &b.participant == name)
+                    }
+                    Decision::Abort { .. } => false,
+                };
+                let result = if named_in_commit {
+                    participant.commit_prepared(gid).await
+                } else {
+                    participant.rollback_prepared(gid).await
+                };
+                match result {
+                    Ok(_) => tracing::info!(
+                        %gid, participant = %name,
+                        action = if named_in_commit { "committed" } else { "rolled back" },
+                        "reconciled a prepared branch"
+                    ),
+                    Err(e) => tracing::warn!(%gid, participant = %name, error = %e, "reconciling failed; will retry"),
+                }
+            }
+        }
+
+        // Decided, incomplete transactions.
+        let still_prepared: BTreeSet<&TxId> = prepared.keys().collect();
+        for state in [RecordState::Committed, RecordState::Aborted] {
+            for record in node.state_machine.list(Some(state), None, 1000).await? {
+                if self.in_flight(&record.txid) {
+                    continue;
+                }
+                let done = match &record.decision {
+                    Decision::Commit { branches, .. } => {
+                        let mut all = true;
+                        for (i, b) in branches.iter().enumerate() {
+                            let gid = Gid::new(&cluster_id, &record.txid, i as u32);
+                            let participant = match node.participants.get(&b.participant) {
+                                Ok(p) => p,
+                                Err(e) => {
+                                    tracing::error!(%gid, error = %e, "a committed branch names an unknown participant");
+                                    all = false;
+                                    continue;
+                                }
+                            };
+                            match participant.commit_prepared(&gid).await {
+                                Ok(Phase2::Done | Phase2::GidMissing) => {}
+                                Err(e) => {
+                                    tracing::warn!(%gid, error = %e, "COMMIT PREPARED failed; will retry");
+                                    all = false;
+                                }
+                            }
+                        }
+                        all
+                    }
+                    Decision::Abort { .. } => !still_prepared.contains(&record.txid),
+                };
+                if done {
+                    node.propose(Op::Complete { txid: record.txid.clone() }).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
