@@ -267,3 +267,61 @@ async fn reconciliation_settles_prepared_branches_by_the_log() {
     assert_eq!(foreign, 1);
     a.batch_execute("ROLLBACK PREPARED 'tdm_other_x1_0'").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_during_transfers_keeps_every_transfer_atomic() {
+    let mut bank = Bank::start_with("[coordinator]\nrecovery_interval_ms = 500\n").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..6i64 {
+        let stop = stop.clone();
+        let addrs = bank.cluster.addrs();
+        writers.push(tokio::spawn(async move {
+            let (mut committed, mut unknown) = (0, 0);
+            let mut i = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                // Any node; a dead one or a lost answer is an unknown outcome.
+                let addr = &addrs[((w + i) as usize) % addrs.len()];
+                let Ok(mut client) = TransactionsClient::connect(format!("http://{addr}")).await else {
+                    // The killed node: nothing was sent.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
+                match client.transact(transfer(1 + (w + i) % ACCOUNTS, 1 + i % ACCOUNTS, 1)).await {
+                    Ok(r) if r.get_ref().outcome == pb::Outcome::Committed as i32 => committed += 1,
+                    Ok(_) => {}
+                    Err(_) => {
+                        unknown += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            (committed, unknown)
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let leader = bank.cluster.leader().await;
+    bank.cluster.kill(leader);
+    let new_leader = bank.cluster.leader().await;
+    assert_ne!(leader, new_leader);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut committed, mut unknown) = (0, 0);
+    for w in writers {
+        let (c, u) = w.await.unwrap();
+        committed += c;
+        unknown += u;
+    }
+    eprintln!("{committed} committed, {unknown} unknown");
+    assert!(committed > 0);
+
+    // The new leader's reconciliation settles whatever the old one left
+    // prepared; then every transfer is on both sides or on neither.
+    bank.no_prepared_left().await;
+    let (a, b) = (Bank::total(&bank.a).await, Bank::total(&bank.b).await);
+    assert_eq!(a + b, 2 * ACCOUNTS * OPENING, "a transfer landed on one side only: a={a} b={b}");
+    let moved = ACCOUNTS * OPENING - a;
+    assert!(moved >= committed, "acknowledged commits missing: moved {moved} < {committed} committed");
+    assert!(moved <= committed + unknown, "moved {moved} > {committed} committed + {unknown} unknown");
+}
