@@ -92,6 +92,10 @@ fn default_pool_size() -> usize {
     16
 }
 
+/// The shortest retention of completed records: well past the longest
+/// transaction timeout (`coordinator::driver::TIMEOUT_MAX`, 10 minutes).
+pub const COMPLETED_RETENTION_S_MIN: u64 = 1800;
+
 /// Most connections one participant's pool may hold.
 pub const POOL_SIZE_MAX: usize = 1024;
 
@@ -254,6 +258,14 @@ impl NodeConfig {
         }
         if self.retention.forget_interval_s == 0 {
             return invalid("retention.forget_interval_s must be above 0".into());
+        }
+        // A record must outlive any driver still working on its transaction
+        // (a deposed leader's, up to the longest transaction timeout), or a
+        // late COMMIT could find no record and win.
+        if self.retention.completed_retention_s < COMPLETED_RETENTION_S_MIN {
+            return invalid(format!(
+                "retention.completed_retention_s must be at least {COMPLETED_RETENTION_S_MIN} (longer than the longest transaction)"
+            ));
         }
         let mut names = std::collections::BTreeSet::new();
         for p in &self.participants {

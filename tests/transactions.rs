@@ -20,11 +20,10 @@ struct Bank {
 
 impl Bank {
     async fn start() -> Self {
-        Self::start_with("").await
+        Self::start_with(1_000).await
     }
 
-    /// `extra` is appended to every node's config.
-    async fn start_with(extra: &str) -> Self {
+    async fn start_with(recovery_interval_ms: u64) -> Self {
         let (a, b) = (PgServer::start(64), PgServer::start(64));
         for pg in [&a, &b] {
             pg.create_database("accounts").await;
@@ -44,7 +43,8 @@ impl Bank {
             )
         };
         let opts = Options {
-            extra_config: format!("{extra}\n{}{}", participant("accounts_a", &a), participant("accounts_b", &b)),
+            extra_config: format!("{}{}", participant("accounts_a", &a), participant("accounts_b", &b)),
+            recovery_interval_ms,
             ..Options::default()
         };
         let cluster = TestCluster::start(3, opts).await;
@@ -205,7 +205,7 @@ async fn concurrent_transfers_keep_the_total_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciliation_settles_prepared_branches_by_the_log() {
-    let bank = Bank::start_with("[coordinator]\nrecovery_interval_ms = 300\n").await;
+    let bank = Bank::start_with(300).await;
     let (a, b) = (bank.a.client("accounts").await, bank.b.client("accounts").await);
     // An orphan: prepared with this cluster's prefix, no decision recorded.
     a.batch_execute("BEGIN; UPDATE balances SET balance = 0 WHERE id = 9; PREPARE TRANSACTION 'tdm_test_orphan1_0'")
@@ -270,7 +270,7 @@ async fn reconciliation_settles_prepared_branches_by_the_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_during_transfers_keeps_every_transfer_atomic() {
-    let mut bank = Bank::start_with("[coordinator]\nrecovery_interval_ms = 500\n").await;
+    let mut bank = Bank::start_with(500).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..6i64 {

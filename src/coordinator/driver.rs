@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use openraft::async_runtime::WatchReceiver;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 
@@ -38,6 +39,10 @@ pub const TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 pub const TIMEOUT_MAX: Duration = Duration::from_secs(600);
 /// Tries at proposing a decision before the outcome is reported unknown.
 const PROPOSE_ATTEMPTS: u32 = 5;
+/// Deadline of one proposal through Raft.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of one phase-2 call or outcome check on a participant.
+const PARTICIPANT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct BranchSpec {
     pub participant: String,
@@ -87,10 +92,13 @@ impl Coordinator {
         self.in_flight.lock().expect("in-flight lock").contains(txid)
     }
 
-    /// A new txid: time, node and a per-process sequence, in base 36.
+    /// A new txid: time, Raft term, node and a per-process sequence, in base
+    /// 36. Unique without trusting the clock: one leader per term, and a
+    /// restarted node leads again only in a later term.
     fn new_txid(&self) -> TxId {
         let seq = self.sequence.fetch_add(1, Ordering::Relaxed);
-        let s = format!("{}n{}s{}", base36(now_unix_ms()), base36(self.node.config.id), base36(seq));
+        let term = self.node.raft.metrics().borrow_watched().current_term;
+        let s = format!("{}t{}n{}s{}", base36(now_unix_ms()), base36(term), base36(self.node.config.id), base36(seq));
         TxId::parse(&s).expect("base 36 is within the txid alphabet")
     }
 
@@ -150,15 +158,29 @@ impl Coordinator {
             results: Arc::default(),
             answer: Some(answer_tx),
         };
-        let in_flight = self.in_flight.clone();
+        let in_flight = InFlight { set: self.in_flight.clone(), txid: txid.clone() };
         tokio::spawn(async move {
-            let txid = driver.txid.clone();
+            // Dropped when the driver ends, also by a panic.
+            let _in_flight = in_flight;
             driver.run(timeout).await;
-            in_flight.lock().expect("in-flight lock").remove(&txid);
         });
         answer_rx
             .await
             .map_err(|_| Error::OutcomeUnknown(format!("transaction {txid}: the driver stopped before an outcome")))?
+    }
+}
+
+/// Removes a txid from the in-flight set when dropped.
+struct InFlight {
+    set: Arc<Mutex<std::collections::HashSet<TxId>>>,
+    txid: TxId,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.txid);
+        }
     }
 }
 
@@ -301,11 +323,16 @@ impl Driver {
                 let participant = self.participants[branch].clone();
                 let gid = self.gid(branch);
                 tokio::spawn(async move {
-                    let result = if commit {
-                        participant.commit_prepared(&gid).await
-                    } else {
-                        participant.rollback_prepared(&gid).await
+                    let call = async {
+                        if commit {
+                            participant.commit_prepared(&gid).await
+                        } else {
+                            participant.rollback_prepared(&gid).await
+                        }
                     };
+                    let result = tokio::time::timeout(PARTICIPANT_CALL_TIMEOUT, call).await.unwrap_or_else(|_| {
+                        Err(Error::Unavailable { message: "no answer in time".into(), leader: None })
+                    });
                     let event = match result {
                         Ok(Phase2::Done) => Event::Phase2Done { branch },
                         Ok(Phase2::GidMissing) => Event::GidMissing { branch },
@@ -327,7 +354,11 @@ impl Driver {
                 let participant = self.participants[branch].clone();
                 tokio::spawn(async move {
                     let committed = match xid {
-                        Some(xid) => participant.branch_outcome(xid).await.unwrap_or(None),
+                        Some(xid) => tokio::time::timeout(PARTICIPANT_CALL_TIMEOUT, participant.branch_outcome(xid))
+                            .await
+                            .ok()
+                            .and_then(|r| r.ok())
+                            .flatten(),
                         None => None,
                     };
                     events.send(Input::Event(Event::BranchEnded { branch, committed })).ok();
@@ -388,7 +419,11 @@ async fn propose_decision(node: &Node, txid: &TxId, decision: Decision) -> Resul
     let mut decision = decision;
     loop {
         attempt += 1;
-        match node.propose(Op::Decide { txid: txid.clone(), decision: decision.clone() }).await {
+        let proposal = node.propose(Op::Decide { txid: txid.clone(), decision: decision.clone() });
+        let result = tokio::time::timeout(PROPOSE_TIMEOUT, proposal)
+            .await
+            .unwrap_or_else(|_| Err(Error::OutcomeUnknown(format!("no decision applied in {PROPOSE_TIMEOUT:?}"))));
+        match result {
             Ok(CommandResponse::Decided { record, .. }) => return Ok(record.decision),
             Ok(CommandResponse::IdempotencyConflict { key, txid: owner }) => {
                 decision = Decision::Abort {

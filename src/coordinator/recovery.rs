@@ -30,6 +30,21 @@ use crate::txn::RecordState;
 use crate::txn::TxId;
 use crate::txn::gid::Gid;
 
+/// Every record in `state`, page by page.
+async fn incomplete(node: &crate::server::Node, state: RecordState) -> Result<Vec<crate::txn::TxnRecord>> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = node.state_machine.list(Some(state), after.clone(), 1000).await?;
+        let full = page.len() == 1000;
+        after = page.last().map(|r| r.txid.clone());
+        out.extend(page);
+        if !full {
+            return Ok(out);
+        }
+    }
+}
+
 /// Runs recovery rounds while the node lives.
 pub async fn run(coordinator: Arc<Coordinator>, interval: Duration) {
     loop {
@@ -50,8 +65,10 @@ impl Coordinator {
         node.linearize().await?;
         let cluster_id = node.config.cluster_id.clone();
 
-        // Prepared branches, by txid.
+        // Prepared branches, by txid. A participant that cannot be listed
+        // leaves the picture incomplete: no ABORT is completed this round.
         let mut prepared: BTreeMap<TxId, Vec<(String, Gid)>> = BTreeMap::new();
+        let mut listed_all = true;
         for name in node.participants.names().map(str::to_string).collect::<Vec<_>>() {
             let participant = node.participants.get(&name)?;
             match participant.prepared_branches(&cluster_id).await {
@@ -60,7 +77,10 @@ impl Coordinator {
                         prepared.entry(gid.txid.clone()).or_default().push((name.clone(), gid));
                     }
                 }
-                Err(e) => tracing::warn!(participant = %name, error = %e, "cannot list prepared branches"),
+                Err(e) => {
+                    listed_all = false;
+                    tracing::warn!(participant = %name, error = %e, "cannot list prepared branches");
+                }
             }
         }
 
@@ -80,13 +100,18 @@ impl Coordinator {
             };
             for (name, gid) in branches {
                 let participant = node.participants.get(name)?;
-                let named_in_commit = match &decision {
-                    Decision::Commit { branches, .. } => {
-                        branches.get(gid.branch as usize).is_some_and(|b| &b.participant == name)
+                let commit = match &decision {
+                    // Under a COMMIT, a branch is never rolled back: the gid
+                    // names branch i of the transaction, which the decision
+                    // commits, whichever configured name reaches it.
+                    Decision::Commit { branches, .. } if (gid.branch as usize) < branches.len() => true,
+                    Decision::Commit { .. } => {
+                        tracing::error!(%gid, participant = %name, "a prepared branch beyond the COMMIT's branch list; left for an operator");
+                        continue;
                     }
                     Decision::Abort { .. } => false,
                 };
-                let result = if named_in_commit {
+                let result = if commit {
                     participant.commit_prepared(gid).await
                 } else {
                     participant.rollback_prepared(gid).await
@@ -94,7 +119,7 @@ impl Coordinator {
                 match result {
                     Ok(_) => tracing::info!(
                         %gid, participant = %name,
-                        action = if named_in_commit { "committed" } else { "rolled back" },
+                        action = if commit { "committed" } else { "rolled back" },
                         "reconciled a prepared branch"
                     ),
                     Err(e) => tracing::warn!(%gid, participant = %name, error = %e, "reconciling failed; will retry"),
@@ -105,7 +130,7 @@ impl Coordinator {
         // Decided, incomplete transactions.
         let still_prepared: BTreeSet<&TxId> = prepared.keys().collect();
         for state in [RecordState::Committed, RecordState::Aborted] {
-            for record in node.state_machine.list(Some(state), None, 1000).await? {
+            for record in incomplete(node, state).await? {
                 if self.in_flight(&record.txid) {
                     continue;
                 }
@@ -132,7 +157,7 @@ impl Coordinator {
                         }
                         all
                     }
-                    Decision::Abort { .. } => !still_prepared.contains(&record.txid),
+                    Decision::Abort { .. } => listed_all && !still_prepared.contains(&record.txid),
                 };
                 if done {
                     node.propose(Op::Complete { txid: record.txid.clone() }).await?;

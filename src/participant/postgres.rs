@@ -293,23 +293,25 @@ impl BranchSession for PostgresBranch {
         Ok(StatementResult { rows_affected: rows.len() as u64, columns, rows: out })
     }
 
+    /// The connection stays in `self` until PREPARE has returned: on any
+    /// early exit (an error, or the future dropped at a deadline) the drop
+    /// guard closes it, so a connection inside an open transaction never goes
+    /// back to the pool.
     async fn prepare(mut self: Box<Self>, gid: &Gid) -> Result<Prepared> {
         let gid_text = gid.validated()?;
-        let conn = self.conn.take().ok_or_else(|| Error::Internal("branch already ended".into()))?;
-        let p = &self.participant;
-        let xid: Option<u64> = match conn.query_one("SELECT pg_current_xact_id()::text", &[]).await {
-            Ok(row) => row.get::<_, &str>(0).parse().ok(),
-            // The transaction already failed: PREPARE would roll it back.
-            Err(e) => {
-                conn.batch_execute("ROLLBACK").await.ok();
-                return Err(pg_error(p, e));
-            }
-        };
-        conn.batch_execute(&format!("PREPARE TRANSACTION '{gid_text}'")).await.map_err(|e| pg_error(p, e))?;
+        let p = self.participant.clone();
+        let conn = self.conn()?;
+        // An error here means the transaction already failed: PREPARE would
+        // roll it back; closing the connection does the same.
+        let row = conn.query_one("SELECT pg_current_xact_id()::text", &[]).await.map_err(|e| pg_error(&p, e))?;
+        let xid: Option<u64> = row.get::<_, &str>(0).parse().ok();
+        conn.batch_execute(&format!("PREPARE TRANSACTION '{gid_text}'")).await.map_err(|e| pg_error(&p, e))?;
+        // Out of the transaction now: the connection may go back to the pool.
+        let conn = self.conn.take().expect("checked above");
         let prepared = conn
             .query_opt("SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 AND database = current_database()", &[&gid_text])
             .await
-            .map_err(|e| pg_error(p, e))?;
+            .map_err(|e| pg_error(&p, e))?;
         if prepared.is_none() {
             return Err(Error::FailedPrecondition(format!(
                 "{p}: the branch was rolled back instead of prepared (an earlier statement failed)"
@@ -319,9 +321,9 @@ impl BranchSession for PostgresBranch {
     }
 
     async fn rollback(mut self: Box<Self>) -> Result<()> {
-        if let Some(conn) = self.conn.take() {
-            conn.batch_execute("ROLLBACK").await.map_err(|e| pg_error(&self.participant, e))?;
-        }
+        // On failure the drop guard closes the connection, which rolls back.
+        self.conn()?.batch_execute("ROLLBACK").await.map_err(|e| pg_error(&self.participant, e))?;
+        self.conn.take();
         Ok(())
     }
 }

@@ -26,11 +26,19 @@ pub struct Options {
     pub logs_kept_after_snapshot: u64,
     /// Appended to every node's config (e.g. `[[participants]]`).
     pub extra_config: String,
+    /// Recovery rounds rewrite the decision log (they complete ABORTs that
+    /// hold no prepared branch); tests of the bare log keep them out.
+    pub recovery_interval_ms: u64,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { snapshot_logs_since_last: 10_000, logs_kept_after_snapshot: 1_000, extra_config: String::new() }
+        Self {
+            snapshot_logs_since_last: 10_000,
+            logs_kept_after_snapshot: 1_000,
+            extra_config: String::new(),
+            recovery_interval_ms: 3_600_000,
+        }
     }
 }
 
@@ -89,10 +97,12 @@ impl TestCluster {
             format!(
                 "id = {id}\ncluster_id = \"test\"\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n\n[raft]\n\
                  election_timeout_ms_min = 1000\nelection_timeout_ms_max = 2000\nheartbeat_interval_ms = 200\n\
-                 snapshot_logs_since_last = {}\nlogs_kept_after_snapshot = {}\n\n{}",
+                 snapshot_logs_since_last = {}\nlogs_kept_after_snapshot = {}\n\n\
+                 [coordinator]\nrecovery_interval_ms = {}\n\n{}",
                 data.display(),
                 self.opts.snapshot_logs_since_last,
                 self.opts.logs_kept_after_snapshot,
+                self.opts.recovery_interval_ms,
                 self.opts.extra_config,
             ),
         )
