@@ -129,6 +129,9 @@ impl Coordinator {
 
         // Decided, incomplete transactions.
         let still_prepared: BTreeSet<&TxId> = prepared.keys().collect();
+        // Records naming participants this node does not know: one line per
+        // round, not one per branch.
+        let mut unknown_participants = BTreeSet::new();
         for state in [RecordState::Committed, RecordState::Aborted] {
             for record in incomplete(node, state).await? {
                 if self.in_flight(&record.txid) {
@@ -139,13 +142,10 @@ impl Coordinator {
                         let mut all = true;
                         for (i, b) in branches.iter().enumerate() {
                             let gid = Gid::new(&cluster_id, &record.txid, i as u32);
-                            let participant = match node.participants.get(&b.participant) {
-                                Ok(p) => p,
-                                Err(e) => {
-                                    tracing::error!(%gid, error = %e, "a committed branch names an unknown participant");
-                                    all = false;
-                                    continue;
-                                }
+                            let Ok(participant) = node.participants.get(&b.participant) else {
+                                unknown_participants.insert(b.participant.clone());
+                                all = false;
+                                continue;
                             };
                             match participant.commit_prepared(&gid).await {
                                 Ok(Phase2::Done | Phase2::GidMissing) => {}
@@ -163,6 +163,12 @@ impl Coordinator {
                     node.propose(Op::Complete { txid: record.txid.clone() }).await?;
                 }
             }
+        }
+        if !unknown_participants.is_empty() {
+            tracing::error!(
+                participants = ?unknown_participants,
+                "committed transactions name participants this node does not have; they stay incomplete"
+            );
         }
         Ok(())
     }
