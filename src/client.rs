@@ -5,7 +5,8 @@
 //! at the leader the node named, or else at the next known node. It retries
 //! only requests that are safe to repeat: every decision-log command is
 //! (a decision is a compare-and-set; complete and forget are idempotent), and
-//! reads are. Other errors come back to the caller as they are.
+//! reads are; a transaction after an unknown outcome only with an
+//! idempotency key. Other errors come back to the caller as they are.
 //!
 //! ```no_run
 //! # async fn example() -> tandem::error::Result<()> {
@@ -30,6 +31,7 @@ use crate::error::Result;
 use crate::proto as pb;
 use crate::proto::cluster_client::ClusterClient;
 use crate::proto::decision_log_client::DecisionLogClient;
+use crate::proto::transactions_client::TransactionsClient;
 use crate::raft::network::PeerChannels;
 use crate::server::convert;
 use crate::txn::Decision;
@@ -149,6 +151,43 @@ impl Client {
             .await?;
         let record = resp.record.ok_or_else(|| Error::Internal("decide answered without a record".into()))?;
         Ok((resp.won, convert::record_from_pb(record)?))
+    }
+
+    /// Runs one whole transaction (see `tandem.v1.Transactions/Transact`).
+    ///
+    /// Retried only where that is safe: when the node answered that it did
+    /// not take the request (UNAVAILABLE), or, with an idempotency key, after
+    /// an unknown outcome (the key keeps a second attempt from applying the
+    /// transaction twice).
+    pub async fn transact(&mut self, request: pb::TransactRequest) -> Result<pb::TransactResponse> {
+        let keyed = !request.idempotency_key.is_empty();
+        let mut backoff = BACKOFF_FIRST;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let channel = self.channels.get(self.current_addr())?;
+            let result = TransactionsClient::new(channel)
+                .transact(request.clone())
+                .await
+                .map(|r| r.into_inner())
+                .map_err(Error::from);
+            let e = match result {
+                Ok(r) => return Ok(r),
+                Err(e) => e,
+            };
+            let retry = e.is_retryable() || (keyed && matches!(e, Error::OutcomeUnknown(_)));
+            if !retry || attempt >= ATTEMPTS_MAX {
+                return Err(e);
+            }
+            if !self.pinned {
+                match e.leader_hint() {
+                    Some(hint) => self.switch_to(&hint.addr),
+                    None => self.current = (self.current + 1) % self.addrs.len(),
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
     }
 
     /// Marks `txid` complete.

@@ -36,6 +36,34 @@ enum Command {
     /// Read and write the replicated decision log directly (operators, tests).
     #[command(subcommand)]
     Log(LogCommand),
+    /// Transactions across participants.
+    #[command(subcommand)]
+    Txn(TxnCommand),
+}
+
+#[derive(Subcommand)]
+enum TxnCommand {
+    /// Run one transaction. Each --sql belongs to the --participant before
+    /// it, each --param to the --sql before it, in order ($1, $2, …):
+    ///
+    ///   tandem txn transact --participant accounts_a --sql 'UPDATE balances SET balance = balance - $1 WHERE id = $2' --param int:30 --param int:1 --participant accounts_b --sql '…'
+    ///
+    /// Params: null, bool:true, int:42, float:1.5, str:text, and timestamp:…,
+    /// uuid:…, numeric:…, json:… (converted to the column's type).
+    Transact {
+        #[command(flatten)]
+        nodes: Nodes,
+        #[arg(long, required = true)]
+        participant: Vec<String>,
+        #[arg(long, required = true)]
+        sql: Vec<String>,
+        #[arg(long)]
+        param: Vec<String>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[arg(long)]
+        timeout_ms: Option<u32>,
+    },
 }
 
 #[derive(Args)]
@@ -176,7 +204,17 @@ enum LogCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // `txn transact` pairs its options by their order on the command line.
+    let order = matches
+        .subcommand_matches("txn")
+        .and_then(|m| m.subcommand_matches("transact"))
+        .map(argument_order)
+        .unwrap_or_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -186,7 +224,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, order)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -195,11 +233,113 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, order: Vec<(&'static str, usize)>) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Cluster(c) => cluster(c).await,
         Command::Log(c) => log(c).await,
+        Command::Txn(c) => txn(c, order).await,
+    }
+}
+
+/// The `--participant`, `--sql` and `--param` options in command-line order,
+/// as (name, position within its own list).
+fn argument_order(m: &clap::ArgMatches) -> Vec<(&'static str, usize)> {
+    let mut all = Vec::new();
+    for name in ["participant", "sql", "param"] {
+        if let Some(indices) = m.indices_of(name) {
+            all.extend(indices.enumerate().map(|(i, at)| (at, name, i)));
+        }
+    }
+    all.sort();
+    all.into_iter().map(|(_, name, i)| (name, i)).collect()
+}
+
+fn parse_param(s: &str) -> Result<pb::Value> {
+    use pb::value::Kind;
+    let (kind, value) = s.split_once(':').unwrap_or((s, ""));
+    let bad = || Error::InvalidInput(format!("bad --param {s:?}"));
+    let kind = match kind {
+        "null" => Kind::Null(true),
+        "bool" => Kind::Bool(value.parse().map_err(|_| bad())?),
+        "int" => Kind::Int64(value.parse().map_err(|_| bad())?),
+        "float" => Kind::Double(value.parse().map_err(|_| bad())?),
+        "str" => Kind::String(value.into()),
+        "timestamp" => Kind::Timestamp(value.into()),
+        "uuid" => Kind::Uuid(value.into()),
+        "numeric" => Kind::Numeric(value.into()),
+        "json" => Kind::Json(value.into()),
+        _ => return Err(bad()),
+    };
+    Ok(pb::Value { kind: Some(kind) })
+}
+
+fn show_value(v: &pb::Value) -> String {
+    use pb::value::Kind;
+    match &v.kind {
+        None | Some(Kind::Null(_)) => "NULL".into(),
+        Some(Kind::Bool(b)) => b.to_string(),
+        Some(Kind::Int64(i)) => i.to_string(),
+        Some(Kind::Double(d)) => d.to_string(),
+        Some(Kind::Bytes(b)) => format!("\\x{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>()),
+        Some(Kind::String(s) | Kind::Timestamp(s) | Kind::Uuid(s) | Kind::Numeric(s) | Kind::Json(s)) => s.clone(),
+    }
+}
+
+async fn txn(c: TxnCommand, order: Vec<(&'static str, usize)>) -> Result<()> {
+    match c {
+        TxnCommand::Transact { nodes, participant, sql, param, idempotency_key, timeout_ms } => {
+            let mut request = pb::TransactRequest {
+                idempotency_key: idempotency_key.unwrap_or_default(),
+                timeout_ms: timeout_ms.unwrap_or(0),
+                ..Default::default()
+            };
+            for (name, i) in order {
+                match name {
+                    "participant" => request
+                        .branches
+                        .push(pb::BranchRequest { participant: participant[i].clone(), statements: vec![] }),
+                    "sql" => request
+                        .branches
+                        .last_mut()
+                        .ok_or_else(|| Error::InvalidInput("--sql before any --participant".into()))?
+                        .statements
+                        .push(pb::Statement { sql: sql[i].clone(), params: vec![] }),
+                    _ => request
+                        .branches
+                        .last_mut()
+                        .and_then(|b| b.statements.last_mut())
+                        .ok_or_else(|| Error::InvalidInput("--param before any --sql".into()))?
+                        .params
+                        .push(parse_param(&param[i])?),
+                }
+            }
+            let r = Client::new(&nodes.nodes)?.transact(request).await?;
+            let outcome = if r.outcome == pb::Outcome::Committed as i32 { "COMMITTED" } else { "ABORTED" };
+            println!(
+                "{} {outcome}{}",
+                r.txid,
+                if r.reason.is_empty() { String::new() } else { format!(": {}", r.reason) }
+            );
+            for b in &r.branches {
+                for (i, res) in b.results.iter().enumerate() {
+                    println!("  {} statement {i}: {} rows", b.participant, res.rows_affected);
+                    if !res.columns.is_empty() {
+                        println!("    {}", res.columns.join(" | "));
+                        for row in &res.rows {
+                            println!("    {}", row.values.iter().map(show_value).collect::<Vec<_>>().join(" | "));
+                        }
+                    }
+                }
+            }
+            if !r.pending.is_empty() {
+                println!("  COMMIT PREPARED still pending on: {}", r.pending.join(", "));
+            }
+            if !r.heuristic.is_empty() {
+                println!("  HEURISTIC outcome on: {}", r.heuristic.join(", "));
+            }
+            Ok(())
+        }
     }
 }
 

@@ -158,6 +158,25 @@ async fn transfers_commit_on_both_or_abort_on_both() {
     assert_eq!(Bank::total(&bank.a).await, ACCOUNTS * OPENING - 35);
     bank.no_prepared_left().await;
 
+    // The same through the CLI, options paired by their order.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["txn", "transact", "--nodes", &bank.cluster.addrs().join(",")])
+        .args(["--participant", "accounts_a", "--sql", "UPDATE balances SET balance = balance - $1 WHERE id = $2"])
+        .args(["--param", "int:4", "--param", "int:5"])
+        .args([
+            "--participant",
+            "accounts_b",
+            "--sql",
+            "UPDATE balances SET balance = balance + $1 WHERE id = $2 RETURNING id, balance",
+        ])
+        .args(["--param", "int:4", "--param", "int:5"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("COMMITTED"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("5 | 104"), "{stdout}");
+    assert_eq!(Bank::total(&bank.a).await, ACCOUNTS * OPENING - 39);
+
     // Bad input: INVALID_ARGUMENT, nothing changes.
     let mut unknown = transfer(1, 1, 1);
     unknown.branches[1].participant = "nowhere".into();
@@ -171,7 +190,7 @@ async fn transfers_commit_on_both_or_abort_on_both() {
         let status = client.transact(req).await.expect_err(name);
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{name}: {status:?}");
     }
-    assert_eq!(Bank::total(&bank.a).await, ACCOUNTS * OPENING - 35);
+    assert_eq!(Bank::total(&bank.a).await, ACCOUNTS * OPENING - 39);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
