@@ -91,7 +91,19 @@ impl Client {
 
     /// Runs `f` against the current node, moving to the leader or the next
     /// node on errors that say the request did not take effect.
-    async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T>
+    async fn call<T, F, Fut>(&mut self, f: F) -> Result<T>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = std::result::Result<T, tonic::Status>>,
+    {
+        // Every decision-log request and read is safe to repeat, so an
+        // unknown outcome may be retried too.
+        self.call_with(true, Some(ATTEMPT_TIMEOUT), f).await
+    }
+
+    /// [`Self::call`], retrying an unknown outcome only if `repeatable`, and
+    /// bounding each attempt by `attempt_timeout` if given.
+    async fn call_with<T, F, Fut>(&mut self, repeatable: bool, attempt_timeout: Option<Duration>, mut f: F) -> Result<T>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = std::result::Result<T, tonic::Status>>,
@@ -101,19 +113,20 @@ impl Client {
         loop {
             attempt += 1;
             let channel = self.channels.get(self.current_addr())?;
-            let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, f(channel)).await {
-                Ok(r) => r.map_err(Error::from),
-                Err(_) => {
-                    Err(Error::OutcomeUnknown(format!("no answer from {} in {ATTEMPT_TIMEOUT:?}", self.current_addr())))
-                }
+            let result = match attempt_timeout {
+                Some(limit) => match tokio::time::timeout(limit, f(channel)).await {
+                    Ok(r) => r.map_err(Error::from),
+                    Err(_) => {
+                        Err(Error::OutcomeUnknown(format!("no answer from {} in {limit:?}", self.current_addr())))
+                    }
+                },
+                None => f(channel).await.map_err(Error::from),
             };
             let e = match result {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            // Every request this client sends is safe to repeat, so an
-            // unknown outcome may be retried too.
-            let retry = e.is_retryable() || matches!(e, Error::OutcomeUnknown(_));
+            let retry = e.is_retryable() || (repeatable && matches!(e, Error::OutcomeUnknown(_)));
             if !retry || attempt >= ATTEMPTS_MAX {
                 return Err(e);
             }
@@ -161,33 +174,12 @@ impl Client {
     /// transaction twice).
     pub async fn transact(&mut self, request: pb::TransactRequest) -> Result<pb::TransactResponse> {
         let keyed = !request.idempotency_key.is_empty();
-        let mut backoff = BACKOFF_FIRST;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let channel = self.channels.get(self.current_addr())?;
-            let result = TransactionsClient::new(channel)
-                .transact(request.clone())
-                .await
-                .map(|r| r.into_inner())
-                .map_err(Error::from);
-            let e = match result {
-                Ok(r) => return Ok(r),
-                Err(e) => e,
-            };
-            let retry = e.is_retryable() || (keyed && matches!(e, Error::OutcomeUnknown(_)));
-            if !retry || attempt >= ATTEMPTS_MAX {
-                return Err(e);
-            }
-            if !self.pinned {
-                match e.leader_hint() {
-                    Some(hint) => self.switch_to(&hint.addr),
-                    None => self.current = (self.current + 1) % self.addrs.len(),
-                }
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
+        // No client-side deadline: the request carries its own timeout.
+        self.call_with(keyed, None, |ch| {
+            let req = request.clone();
+            async move { TransactionsClient::new(ch).transact(req).await.map(|r| r.into_inner()) }
+        })
+        .await
     }
 
     /// Marks `txid` complete.
