@@ -6,7 +6,7 @@ cd "$REPO_ROOT"
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy -D warnings"
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --all-targets --features failpoints --quiet -- -D warnings
 log "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 log "check passed"

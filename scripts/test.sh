@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds, checks and runs every test.
 #
+# The build has the fail points compiled in (src/failpoint.rs).
 # Integration tests start their own nodes on ports chosen at run time and
 # run one at a time (the machine has few cores; Raft timing needs slack).
 set -euo pipefail
@@ -8,7 +9,7 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 ensure_build_deps
 log "building (target dir $CARGO_TARGET_DIR)"
-cargo build --all-targets --quiet
+cargo build --all-targets --features failpoints --quiet
 "$REPO_ROOT/scripts/check.sh"
 log "running tests"
-cargo test --quiet -- --test-threads=1
+cargo test --features failpoints --quiet -- --test-threads=1

@@ -5,18 +5,25 @@
 //! at the leader the node named, or else at the next known node. It retries
 //! only requests that are safe to repeat: every decision-log command is
 //! (a decision is a compare-and-set; complete and forget are idempotent), and
-//! reads are; a transaction after an unknown outcome only with an
-//! idempotency key. Other errors come back to the caller as they are.
+//! reads are, and so is `Commit`; `Transact` after an unknown outcome only
+//! with an idempotency key; `Begin` and `Execute` never. Other errors come
+//! back to the caller as they are.
 //!
 //! ```no_run
 //! # async fn example() -> tandem::error::Result<()> {
 //! use tandem::client::Client;
-//! use tandem::txn::{Decision, TxId};
+//! use tandem::proto as pb;
 //!
-//! let mut client = Client::new(["127.0.0.1:7001", "127.0.0.1:7002"])?;
-//! let decision = Decision::Abort { reason: "operator".into() };
-//! let (won, record) = client.decide(&TxId::parse("t1")?, &decision).await?;
-//! println!("won={won} holds={:?}", record.decision);
+//! let int = |i: i64| pb::Value { kind: Some(pb::value::Kind::Int64(i)) };
+//! let sql = |sql: &str, params| pb::Statement { sql: sql.into(), params };
+//! let mut client = Client::new(["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"])?;
+//! let txid = client.begin(pb::BeginRequest { timeout_ms: 10_000, ..Default::default() }).await?;
+//! let row = client.execute(&txid, "accounts_a", sql("SELECT balance FROM balances WHERE id = $1", vec![int(1)])).await?;
+//! println!("balance row: {:?}", row.rows);
+//! client.execute(&txid, "accounts_a", sql("UPDATE balances SET balance = balance - $1 WHERE id = $2", vec![int(5), int(1)])).await?;
+//! client.execute(&txid, "accounts_b", sql("UPDATE balances SET balance = balance + $1 WHERE id = $2", vec![int(5), int(2)])).await?;
+//! let outcome = client.commit(&txid).await?;
+//! println!("{} {:?}", outcome.txid, pb::Outcome::try_from(outcome.outcome));
 //! # Ok(())
 //! # }
 //! ```
@@ -178,6 +185,103 @@ impl Client {
         self.call_with(keyed, None, |ch| {
             let req = request.clone();
             async move { TransactionsClient::new(ch).transact(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Begins an interactive transaction; answers its txid.
+    pub async fn begin(&mut self, request: pb::BeginRequest) -> Result<TxId> {
+        // Not repeated after an unknown outcome: a repeat would begin a
+        // second transaction (the first is rolled back at its deadline).
+        let resp = self
+            .call_with(false, Some(ATTEMPT_TIMEOUT), |ch| {
+                let req = request.clone();
+                async move { TransactionsClient::new(ch).begin(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        TxId::parse(&resp.txid)
+    }
+
+    /// Runs one statement in an interactive transaction, on `participant`'s
+    /// branch. A failing statement rolls the transaction back.
+    pub async fn execute(
+        &mut self,
+        txid: &TxId,
+        participant: &str,
+        statement: pb::Statement,
+    ) -> Result<pb::StatementResult> {
+        let req = pb::ExecuteRequest {
+            txid: txid.to_string(),
+            participant: participant.to_string(),
+            statement: Some(statement),
+        };
+        // Never repeated after an unknown outcome: it may have run.
+        self.call_with(false, None, |ch| {
+            let req = req.clone();
+            async move { TransactionsClient::new(ch).execute(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Commits an interactive transaction. Safe to repeat: a repeat answers
+    /// the recorded outcome.
+    pub async fn commit(&mut self, txid: &TxId) -> Result<pb::TransactResponse> {
+        let req = pb::CommitRequest { txid: txid.to_string() };
+        self.call_with(true, None, |ch| {
+            let req = req.clone();
+            async move { TransactionsClient::new(ch).commit(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Rolls back an interactive transaction.
+    pub async fn rollback(&mut self, txid: &TxId) -> Result<()> {
+        let req = pb::RollbackRequest { txid: txid.to_string() };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { TransactionsClient::new(ch).rollback(req).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    /// A transaction's state, branches, times, labels and last error.
+    pub async fn get_transaction(&mut self, txid: &TxId) -> Result<pb::Transaction> {
+        let req = pb::GetTransactionRequest { txid: txid.to_string() };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { TransactionsClient::new(ch).get_transaction(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// One page of transactions after `after`, in `state` if given.
+    pub async fn list_transactions(
+        &mut self,
+        state: pb::TransactionState,
+        after: Option<&TxId>,
+        limit: u32,
+    ) -> Result<Vec<pb::Transaction>> {
+        let req = pb::ListTransactionsRequest {
+            state: state as i32,
+            after: after.map(|t| t.to_string()).unwrap_or_default(),
+            limit,
+        };
+        let resp = self
+            .call(|ch| {
+                let req = req.clone();
+                async move { TransactionsClient::new(ch).list_transactions(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(resp.transactions)
+    }
+
+    /// Arms a fail point on the node this client talks to (tests; see
+    /// [`crate::failpoint`]).
+    pub async fn set_fail_point(&mut self, name: &str, actions: &str) -> Result<()> {
+        let req = pb::SetFailPointRequest { name: name.to_string(), actions: actions.to_string() };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { ClusterClient::new(ch).set_fail_point(req).await.map(|_| ()) }
         })
         .await
     }

@@ -13,6 +13,13 @@
 //!
 //! [limits]
 //! request_bytes_max = 1048576
+//! transactions_in_flight_max = 1024
+//! branches_per_transaction_max = 16
+//! statements_per_branch_max = 1000
+//!
+//! [coordinator]
+//! timeout_default_ms = 30000
+//! timeout_max_ms = 600000
 //! ```
 
 use std::net::SocketAddr;
@@ -148,11 +155,24 @@ pub struct Limits {
     pub request_bytes_max: usize,
     /// Largest page of a list request.
     pub list_page_max: u32,
+    /// Most transactions the leader runs at once (open interactive ones
+    /// included); past it, new ones get RESOURCE_EXHAUSTED.
+    pub transactions_in_flight_max: usize,
+    /// Most branches (participants) in one transaction, at most 64.
+    pub branches_per_transaction_max: usize,
+    /// Most statements one branch may run.
+    pub statements_per_branch_max: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { request_bytes_max: 1 << 20, list_page_max: 1000 }
+        Self {
+            request_bytes_max: 1 << 20,
+            list_page_max: 1000,
+            transactions_in_flight_max: 1024,
+            branches_per_transaction_max: 16,
+            statements_per_branch_max: 1000,
+        }
     }
 }
 
@@ -177,11 +197,26 @@ pub struct CoordinatorConfig {
     /// How often the leader reconciles prepared branches and re-drives
     /// decided, incomplete transactions.
     pub recovery_interval_ms: u64,
+    /// A transaction's deadline when the request names none, and the
+    /// longest one a request may name. An interactive transaction still
+    /// open at its deadline is rolled back.
+    pub timeout_default_ms: u64,
+    pub timeout_max_ms: u64,
+    /// Phase-2 retries back off exponentially from the first delay up to the
+    /// cap, and never give up.
+    pub retry_first_ms: u64,
+    pub retry_max_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
-        Self { recovery_interval_ms: 5_000 }
+        Self {
+            recovery_interval_ms: 5_000,
+            timeout_default_ms: 30_000,
+            timeout_max_ms: 600_000,
+            retry_first_ms: 100,
+            retry_max_ms: 10_000,
+        }
     }
 }
 
@@ -253,8 +288,30 @@ impl NodeConfig {
         if self.limits.list_page_max == 0 {
             return invalid("limits.list_page_max must be above 0".into());
         }
-        if self.coordinator.recovery_interval_ms == 0 {
+        if self.limits.transactions_in_flight_max == 0 || self.limits.statements_per_branch_max == 0 {
+            return invalid(
+                "limits.transactions_in_flight_max and limits.statements_per_branch_max must be above 0".into(),
+            );
+        }
+        let b = self.limits.branches_per_transaction_max;
+        if b == 0 || b > crate::txn::BRANCHES_MAX {
+            return invalid(format!(
+                "limits.branches_per_transaction_max must be 1 to {}, not {b}",
+                crate::txn::BRANCHES_MAX
+            ));
+        }
+        let c = &self.coordinator;
+        if c.recovery_interval_ms == 0 {
             return invalid("coordinator.recovery_interval_ms must be above 0".into());
+        }
+        if c.timeout_default_ms == 0 || c.timeout_default_ms > c.timeout_max_ms {
+            return invalid(format!(
+                "coordinator.timeout_default_ms ({}) must be above 0 and at most coordinator.timeout_max_ms ({})",
+                c.timeout_default_ms, c.timeout_max_ms
+            ));
+        }
+        if c.retry_first_ms == 0 || c.retry_first_ms > c.retry_max_ms {
+            return invalid("coordinator.retry_first_ms must be above 0 and at most coordinator.retry_max_ms".into());
         }
         if self.retention.forget_interval_s == 0 {
             return invalid("retention.forget_interval_s must be above 0".into());

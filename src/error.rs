@@ -71,6 +71,22 @@ impl Error {
         }
     }
 
+    /// The same kind of error, its message prefixed with `context`.
+    pub fn context(self, context: &str) -> Self {
+        let prefix = |m: String| format!("{context}: {m}");
+        match self {
+            Error::InvalidInput(m) => Error::InvalidInput(prefix(m)),
+            Error::NotFound(m) => Error::NotFound(prefix(m)),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(prefix(m)),
+            Error::AlreadyExists(m) => Error::AlreadyExists(prefix(m)),
+            Error::Unavailable { message, leader } => Error::Unavailable { message: prefix(message), leader },
+            Error::ResourceExhausted(m) => Error::ResourceExhausted(prefix(m)),
+            Error::OutcomeUnknown(m) => Error::OutcomeUnknown(prefix(m)),
+            Error::Storage(m) => Error::Storage(prefix(m)),
+            Error::Internal(m) => Error::Internal(prefix(m)),
+        }
+    }
+
     pub fn storage(e: impl std::fmt::Display) -> Self {
         Error::Storage(e.to_string())
     }

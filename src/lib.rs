@@ -6,8 +6,10 @@
 //! a coordinator node dies in the middle of it.
 //!
 //! The crate holds the replicated, durable *decision log* and the cluster
-//! that keeps it, and on top a first cut of two-phase commit: the one-shot
-//! `Transact` call across PostgreSQL participants.
+//! that keeps it, and on top two-phase commit across PostgreSQL
+//! participants: one-shot `Transact`, interactive `Begin`/`Execute`/
+//! `Commit`/`Rollback`, `GetTransaction`/`ListTransactions`, and recovery on
+//! every new leader.
 //!
 //! # Module map
 //!
@@ -16,11 +18,12 @@
 //! | [`txn`] | the transaction model: txids, decisions, records, gids, the 2PC state machine (no I/O) |
 //! | [`participant`] | the participant adapter trait and the PostgreSQL adapter |
 //! | [`raft`] | openraft wiring: RocksDB log and state machine, node-to-node gRPC |
-//! | [`coordinator`] | the 2PC driver on the leader: runs a transaction's state machine against participants and the log |
+//! | [`coordinator`] | the 2PC driver on the leader: one-shot and interactive transactions, their status, recovery, COMPLETE batching, counters |
 //! | [`server`] | the node process: gRPC services, forwarding to the leader, upkeep |
 //! | [`client`] | the Rust client: any node, follows the leader, safe retries |
 //! | [`config`] | node configuration (TOML, flags, environment) |
 //! | [`error`] | the one error type and its gRPC status mapping |
+//! | [`failpoint`] | named points where tests stop a node dead (compiled in with the `failpoints` feature) |
 //! | [`proto`] | generated protobuf/gRPC code (`proto/tandem/v1`) |
 //!
 //! # Glossary
@@ -63,7 +66,12 @@
 //!    decision *applied*, which may be another one that was recorded first.
 //! 6. `COMMIT PREPARED` on every branch in parallel, then the answer; a
 //!    branch that fails is retried with capped backoff and named as pending.
-//! 7. A `Complete` record; after the retention time, `Forget`.
+//! 7. A `Complete` record, batched with other transactions'; after the
+//!    retention time, `Forget`.
+//!
+//! An interactive transaction (`Begin`, `Execute`…, `Commit`) opens its
+//! branches one `Execute` at a time and keeps them open on the leader; at
+//! `Commit` they go through steps 3–7 like a one-shot transaction's.
 //!
 //! The transitions are plain data ([`txn::machine`]); the driver only
 //! carries out the actions they return.
@@ -72,6 +80,7 @@ pub mod client;
 pub mod config;
 pub mod coordinator;
 pub mod error;
+pub mod failpoint;
 pub mod participant;
 pub mod proto;
 pub mod raft;

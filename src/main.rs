@@ -63,6 +63,28 @@ enum TxnCommand {
         idempotency_key: Option<String>,
         #[arg(long)]
         timeout_ms: Option<u32>,
+        /// KEY=VALUE, kept with the transaction (repeatable).
+        #[arg(long)]
+        label: Vec<String>,
+    },
+    /// Show one transaction: state, branches, times, labels, last error.
+    Get {
+        #[command(flatten)]
+        nodes: Nodes,
+        txid: String,
+    },
+    /// List transactions, running and decided, in txid order.
+    List {
+        #[command(flatten)]
+        nodes: Nodes,
+        /// active, preparing, committing, committed, aborting or aborted.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Start after this txid.
+        #[arg(long)]
+        after: Option<String>,
     },
 }
 
@@ -288,12 +310,35 @@ fn show_value(v: &pb::Value) -> String {
 
 async fn txn(c: TxnCommand, order: Vec<(&'static str, usize)>) -> Result<()> {
     match c {
-        TxnCommand::Transact { nodes, participant, sql, param, idempotency_key, timeout_ms } => {
+        TxnCommand::Get { nodes, txid } => {
+            let t = Client::new(&nodes.nodes)?.get_transaction(&TxId::parse(&txid)?).await?;
+            print_transaction(&t);
+            Ok(())
+        }
+        TxnCommand::List { nodes, state, limit, after } => {
+            let state = match state {
+                None => pb::TransactionState::Unspecified,
+                Some(s) => tandem::server::convert::txn_state_to_pb(tandem::coordinator::TxnState::parse(&s)?),
+            };
+            let after = after.map(|a| TxId::parse(&a)).transpose()?;
+            for t in Client::new(&nodes.nodes)?.list_transactions(state, after.as_ref(), limit).await? {
+                let branches: Vec<String> =
+                    t.branches.iter().map(|b| format!("{}={}", b.participant, b.state)).collect();
+                println!("{} {} {}{}", t.txid, state_name(t.state), branches.join(","), reason_suffix(&t.reason));
+            }
+            Ok(())
+        }
+        TxnCommand::Transact { nodes, participant, sql, param, idempotency_key, timeout_ms, label } => {
             let mut request = pb::TransactRequest {
                 idempotency_key: idempotency_key.unwrap_or_default(),
                 timeout_ms: timeout_ms.unwrap_or(0),
                 ..Default::default()
             };
+            for l in label {
+                let (k, v) =
+                    l.split_once('=').ok_or_else(|| Error::InvalidInput(format!("--label {l:?} is not KEY=VALUE")))?;
+                request.labels.insert(k.to_string(), v.to_string());
+            }
             for (name, i) in order {
                 match name {
                     "participant" => request
@@ -317,9 +362,10 @@ async fn txn(c: TxnCommand, order: Vec<(&'static str, usize)>) -> Result<()> {
             let r = Client::new(&nodes.nodes)?.transact(request).await?;
             let outcome = if r.outcome == pb::Outcome::Committed as i32 { "COMMITTED" } else { "ABORTED" };
             println!(
-                "{} {outcome}{}",
+                "{} {outcome}{}{}",
                 r.txid,
-                if r.reason.is_empty() { String::new() } else { format!(": {}", r.reason) }
+                if r.duplicate { " (a repeat: this idempotency key had committed already)" } else { "" },
+                reason_suffix(&r.reason)
             );
             for b in &r.branches {
                 for (i, res) in b.results.iter().enumerate() {
@@ -340,6 +386,53 @@ async fn txn(c: TxnCommand, order: Vec<(&'static str, usize)>) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+fn reason_suffix(reason: &str) -> String {
+    if reason.is_empty() { String::new() } else { format!(": {reason}") }
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::TransactionState::try_from(state).unwrap_or(pb::TransactionState::Unspecified) {
+        pb::TransactionState::Active => "ACTIVE",
+        pb::TransactionState::Preparing => "PREPARING",
+        pb::TransactionState::Committing => "COMMITTING",
+        pb::TransactionState::Committed => "COMMITTED",
+        pb::TransactionState::Aborting => "ABORTING",
+        pb::TransactionState::Aborted => "ABORTED",
+        pb::TransactionState::Unspecified => "UNKNOWN",
+    }
+}
+
+fn print_transaction(t: &pb::Transaction) {
+    println!("txid:        {}", t.txid);
+    println!("state:       {}{}", state_name(t.state), reason_suffix(&t.reason));
+    println!("interactive: {}", t.interactive);
+    for b in &t.branches {
+        let xid = b.xid.map(|x| format!(" (xid {x})")).unwrap_or_default();
+        println!("branch:      {} {}{xid}", b.participant, b.state);
+    }
+    if !t.heuristic.is_empty() {
+        println!("HEURISTIC:   {} ended against the decision", t.heuristic.join(", "));
+    }
+    for (k, v) in &t.labels {
+        println!("label:       {k}={v}");
+    }
+    if t.started_unix_ms > 0 {
+        println!("started:     {} (unix ms)", t.started_unix_ms);
+    }
+    if let Some(d) = t.deadline_unix_ms {
+        println!("deadline:    {d}");
+    }
+    if let Some(d) = t.decided_unix_ms {
+        println!("decided:     {d}");
+    }
+    if let Some(c) = t.completed_unix_ms {
+        println!("completed:   {c}");
+    }
+    if !t.last_error.is_empty() {
+        println!("last error:  {}", t.last_error);
     }
 }
 
@@ -487,7 +580,7 @@ fn print_status(statuses: &[(String, Result<pb::NodeStatus>)], json: bool) {
     for (addr, status) in statuses {
         match status {
             Ok(s) if json => println!(
-                "{{\"id\":{},\"addr\":\"{}\",\"role\":\"{}\",\"term\":{},\"leader\":{},\"last_log_index\":{},\"applied_index\":{},\"initialized\":{}}}",
+                "{{\"id\":{},\"addr\":\"{}\",\"role\":\"{}\",\"term\":{},\"leader\":{},\"last_log_index\":{},\"applied_index\":{},\"initialized\":{},\"transactions_in_flight\":{},\"counters\":{}}}",
                 s.id,
                 s.addr,
                 role_name(s.role),
@@ -495,7 +588,10 @@ fn print_status(statuses: &[(String, Result<pb::NodeStatus>)], json: bool) {
                 s.leader_id.map_or("null".into(), |l| l.to_string()),
                 s.last_log_index.map_or("null".into(), |l| l.to_string()),
                 s.applied_index.map_or("null".into(), |l| l.to_string()),
-                s.initialized
+                s.initialized,
+                s.transactions_in_flight,
+                serde_json::to_string(&s.counters.iter().collect::<std::collections::BTreeMap<_, _>>())
+                    .unwrap_or_default()
             ),
             Ok(s) => println!(
                 "{:<4} {:<22} {:<10} {:>5} {:>6} {:>9} {:>9} {:>9} {:>8}  voters {}{}",
@@ -542,10 +638,9 @@ async fn log(c: LogCommand) -> Result<()> {
         LogCommand::Decide { nodes, txid, commit, idempotency_key, abort } => {
             let txid = TxId::parse(&txid)?;
             let decision = match (commit, abort) {
-                (Some(branches), None) => Decision::Commit {
-                    branches: branches.into_iter().map(|participant| Branch { participant }).collect(),
-                    idempotency_key,
-                },
+                (Some(branches), None) => {
+                    Decision::Commit { branches: branches.into_iter().map(Branch::new).collect(), idempotency_key }
+                }
                 (None, Some(reason)) => Decision::Abort { reason },
                 _ => return Err(Error::InvalidInput("give exactly one of --commit or --abort".into())),
             };

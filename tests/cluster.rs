@@ -22,10 +22,7 @@ use tandem::txn::TxId;
 use tandem::txn::TxnRecord;
 
 fn commit(key: Option<String>) -> Decision {
-    Decision::Commit {
-        branches: vec![Branch { participant: "accounts_a".into() }, Branch { participant: "accounts_b".into() }],
-        idempotency_key: key,
-    }
+    Decision::Commit { branches: vec![Branch::new("accounts_a"), Branch::new("accounts_b")], idempotency_key: key }
 }
 
 fn abort(reason: &str) -> Decision {

@@ -79,10 +79,10 @@ async fn prepare_then_commit_prepared() {
 async fn failed_statement_leaves_nothing_prepared() {
     let (pg, p) = setup().await;
     let mut branch = p.begin().await.unwrap();
-    // Violates the CHECK constraint: the client's fault, INVALID_ARGUMENT.
+    // Violates the CHECK constraint: valid, but the data does not allow it.
     let err =
         branch.execute(&stmt("UPDATE balances SET balance = balance - 500 WHERE id = 2", vec![])).await.unwrap_err();
-    assert!(matches!(&err, Error::InvalidInput(m) if m.contains("balances_balance_check")), "{err:?}");
+    assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains("balances_balance_check")), "{err:?}");
     let err = branch.prepare(&gid("t2", 0)).await.unwrap_err();
     assert!(matches!(err, Error::InvalidInput(_) | Error::FailedPrecondition(_)), "{err:?}");
     assert!(p.prepared_branches(CLUSTER).await.unwrap().is_empty());

@@ -1,48 +1,59 @@
 //! The driver of one transaction: the state machine's actions carried out as
 //! tasks whose results come back as events.
 
+use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::Weak;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use std::time::Instant;
 
 use openraft::async_runtime::WatchReceiver;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 
+use super::Metrics;
+use super::completer::Completer;
+use super::status::Ended;
+use super::status::Live;
+use super::status::View;
 use crate::error::Error;
 use crate::error::Result;
+use crate::failpoint;
+use crate::participant::BranchSession;
 use crate::participant::Participant;
 use crate::participant::Phase2;
 use crate::participant::Statement;
 use crate::participant::StatementResult;
 use crate::participant::guard::refuse_transaction_control;
 use crate::raft::CommandResponse;
+use crate::raft::Completion;
 use crate::raft::Op;
 use crate::server::Node;
 use crate::server::now_unix_ms;
 use crate::txn::Decision;
+use crate::txn::HeuristicBranch;
 use crate::txn::TxId;
+use crate::txn::TxnInfo;
 use crate::txn::gid::Gid;
 use crate::txn::machine::Action;
 use crate::txn::machine::Backoff;
+use crate::txn::machine::BranchState;
 use crate::txn::machine::Event;
 use crate::txn::machine::Outcome;
 use crate::txn::machine::Phase;
 use crate::txn::machine::Txn;
+use crate::txn::validate_labels;
 
-/// Most statements one branch may carry.
-pub const STATEMENTS_PER_BRANCH_MAX: usize = 1000;
-/// Timeout when a request names none, and the longest one allowed.
-pub const TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
-pub const TIMEOUT_MAX: Duration = Duration::from_secs(600);
 /// Tries at proposing a decision before the outcome is reported unknown.
 const PROPOSE_ATTEMPTS: u32 = 5;
 /// Deadline of one proposal through Raft.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline of one phase-2 call or outcome check on a participant.
-const PARTICIPANT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const PARTICIPANT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct BranchSpec {
     pub participant: String,
@@ -53,6 +64,7 @@ pub struct TransactSpec {
     pub branches: Vec<BranchSpec>,
     pub timeout: Option<Duration>,
     pub idempotency_key: Option<String>,
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug)]
@@ -60,36 +72,77 @@ pub struct TransactOutcome {
     pub txid: TxId,
     /// `None` if committed, else why it aborted.
     pub aborted: Option<String>,
-    /// Per branch, the statements' results (committed only).
+    /// Per branch, the statements' results (committed one-shot transactions
+    /// only).
     pub results: Vec<Vec<StatementResult>>,
-    /// Branches whose COMMIT PREPARED is still being retried.
-    pub pending: Vec<usize>,
-    /// Branches that ended against the decision.
-    pub heuristic: Vec<usize>,
+    /// Participants whose COMMIT PREPARED is still being retried.
+    pub pending: Vec<String>,
+    /// Participants whose branch ended against the decision.
+    pub heuristic: Vec<String>,
+    /// The request's idempotency key already belonged to a committed
+    /// transaction (`txid`): nothing was applied again.
+    pub duplicate: bool,
+}
+
+impl TransactOutcome {
+    pub(super) fn aborted(txid: TxId, reason: String) -> Self {
+        Self {
+            txid,
+            aborted: Some(reason),
+            results: Vec::new(),
+            pending: Vec::new(),
+            heuristic: Vec::new(),
+            duplicate: false,
+        }
+    }
+
+    pub(super) fn duplicate_of(txid: TxId) -> Self {
+        Self { aborted: None, duplicate: true, ..Self::aborted(txid, String::new()) }
+    }
 }
 
 pub struct Coordinator {
     pub(super) node: Arc<Node>,
-    /// Transactions this node's drivers are running: recovery leaves them
-    /// alone.
-    in_flight: Arc<Mutex<std::collections::HashSet<TxId>>>,
+    /// Transactions this node runs (open, preparing, in phase 2): recovery
+    /// leaves them alone, and their number is bounded by
+    /// `limits.transactions_in_flight_max`.
+    pub(super) live: Mutex<HashMap<TxId, Arc<Live>>>,
+    /// Transactions that ended here without a decision, for
+    /// `GetTransaction`.
+    pub(super) ended: Mutex<Ended>,
     /// Makes txids unique within this process.
     sequence: AtomicU64,
     backoff: Backoff,
+    completer: Completer,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Coordinator {
-    pub fn new(node: Arc<Node>) -> Self {
-        Self {
+    /// A coordinator for `node`; starts the COMPLETE batcher and the reaper
+    /// of open transactions, so it must be created inside the runtime.
+    pub fn new(node: Arc<Node>) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::default());
+        let c = &node.config.coordinator;
+        let coordinator = Arc::new(Self {
+            completer: Completer::start(node.clone(), metrics.clone()),
+            backoff: Backoff { first_ms: c.retry_first_ms, max_ms: c.retry_max_ms },
             node,
-            in_flight: Arc::default(),
+            live: Mutex::default(),
+            ended: Mutex::default(),
             sequence: AtomicU64::new(0),
-            backoff: Backoff { first_ms: 100, max_ms: 10_000 },
-        }
+            metrics,
+        });
+        tokio::spawn(super::interactive::reap(Arc::downgrade(&coordinator)));
+        coordinator
     }
 
     pub(super) fn in_flight(&self, txid: &TxId) -> bool {
-        self.in_flight.lock().expect("in-flight lock").contains(txid)
+        self.live.lock().expect("live lock").contains_key(txid)
+    }
+
+    /// How many transactions this node runs now.
+    pub fn in_flight_count(&self) -> usize {
+        self.live.lock().expect("live lock").len()
     }
 
     /// A new txid: time, Raft term, node and a per-process sequence, in base
@@ -102,84 +155,210 @@ impl Coordinator {
         TxId::parse(&s).expect("base 36 is within the txid alphabet")
     }
 
-    /// Runs one transaction; answers when the state machine has an outcome.
-    pub async fn transact(&self, spec: TransactSpec) -> Result<TransactOutcome> {
-        if spec.branches.is_empty() {
-            return Err(Error::InvalidInput("a transaction needs at least one branch".into()));
-        }
-        if spec.branches.len() > crate::txn::BRANCHES_MAX {
-            return Err(Error::InvalidInput(format!(
-                "{} branches, over the limit of {}",
-                spec.branches.len(),
-                crate::txn::BRANCHES_MAX
+    /// Counts a refused request and passes its error on.
+    pub fn refuse<T>(&self, e: Error) -> Result<T> {
+        Metrics::add(&self.metrics.rejected_invalid, 1);
+        Err(e)
+    }
+
+    /// The deadline a request asks for, checked against the configured
+    /// default and maximum.
+    pub(super) fn timeout(&self, asked: Option<Duration>) -> Result<Duration> {
+        let c = &self.node.config.coordinator;
+        let timeout = asked.unwrap_or(Duration::from_millis(c.timeout_default_ms));
+        let max = Duration::from_millis(c.timeout_max_ms);
+        if timeout.is_zero() || timeout > max {
+            return self.refuse(Error::InvalidInput(format!(
+                "timeout {timeout:?} must be above 0 and at most {max:?} (coordinator.timeout_max_ms)"
             )));
         }
+        Ok(timeout)
+    }
+
+    /// Checks a branch count against `limits.branches_per_transaction_max`.
+    pub(super) fn check_branches(&self, n: usize) -> Result<()> {
+        let max = self.node.config.limits.branches_per_transaction_max;
+        if n > max {
+            return self.refuse(Error::InvalidInput(format!(
+                "{n} branches, over the limit of {max} (limits.branches_per_transaction_max)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a statement count against `limits.statements_per_branch_max`.
+    pub(super) fn check_statements(&self, participant: &str, n: usize) -> Result<()> {
+        let max = self.node.config.limits.statements_per_branch_max;
+        if n > max {
+            return self.refuse(Error::InvalidInput(format!(
+                "branch {participant} has {n} statements, over the limit of {max} (limits.statements_per_branch_max)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// If a committed transaction already holds `key`, its txid. Read after
+    /// a linearizable barrier, so a key committed by an earlier leader is
+    /// seen.
+    pub(super) async fn key_owner(&self, key: &Option<String>) -> Result<Option<TxId>> {
+        let Some(key) = key else { return Ok(None) };
+        self.node.linearize().await?;
+        self.node.state_machine.key_owner(key.clone()).await
+    }
+
+    /// Registers a new transaction, within `limits.transactions_in_flight_max`.
+    pub(super) fn admit(
+        self: &Arc<Self>,
+        timeout: Duration,
+        idempotency_key: Option<String>,
+        labels: BTreeMap<String, String>,
+        participants: Vec<String>,
+        interactive: bool,
+    ) -> Result<(Arc<Live>, LiveGuard)> {
+        if !self.node.raft.is_leader() {
+            return Err(self.node.not_leader_now());
+        }
+        let txid = self.new_txid();
+        let now = now_unix_ms();
+        let live = Arc::new(Live {
+            txid: txid.clone(),
+            info: TxnInfo { started_unix_ms: now, labels },
+            idempotency_key,
+            deadline: Instant::now() + timeout,
+            deadline_unix_ms: now + timeout.as_millis() as u64,
+            interactive,
+            view: std::sync::Mutex::new(View {
+                phase: Phase::Active,
+                branches: vec![BranchState::Active; participants.len()],
+                participants,
+                last_error: None,
+                abort_reason: None,
+                committed: false,
+            }),
+            open: tokio::sync::Mutex::new(None),
+        });
+        let max = self.node.config.limits.transactions_in_flight_max;
+        let mut map = self.live.lock().expect("live lock");
+        if map.len() >= max {
+            Metrics::add(&self.metrics.rejected_in_flight, 1);
+            return Err(Error::ResourceExhausted(format!(
+                "{} transactions in flight on the leader, the limit (limits.transactions_in_flight_max); retry later",
+                map.len()
+            )));
+        }
+        map.insert(txid.clone(), live.clone());
+        Metrics::add(&self.metrics.started, 1);
+        let guard = LiveGuard { coordinator: Arc::downgrade(self), live: live.clone() };
+        Ok((live, guard))
+    }
+
+    /// Runs one transaction; answers when the state machine has an outcome.
+    pub async fn transact(self: &Arc<Self>, spec: TransactSpec) -> Result<TransactOutcome> {
+        if spec.branches.is_empty() {
+            return self.refuse(Error::InvalidInput("a transaction needs at least one branch".into()));
+        }
+        self.check_branches(spec.branches.len())?;
         let mut participants = Vec::new();
         for (i, b) in spec.branches.iter().enumerate() {
-            participants.push(self.node.participants.get(&b.participant)?);
-            if b.statements.is_empty() {
-                return Err(Error::InvalidInput(format!("branch {i} ({}) has no statement", b.participant)));
-            }
-            if b.statements.len() > STATEMENTS_PER_BRANCH_MAX {
-                return Err(Error::InvalidInput(format!(
-                    "branch {i} has {} statements, over the limit of {STATEMENTS_PER_BRANCH_MAX}",
-                    b.statements.len()
+            if spec.branches[..i].iter().any(|o| o.participant == b.participant) {
+                return self.refuse(Error::InvalidInput(format!(
+                    "participant {} is named by two branches; put its statements in one",
+                    b.participant
                 )));
             }
+            participants.push(self.node.participants.get(&b.participant).or_else(|e| self.refuse(e))?);
+            if b.statements.is_empty() {
+                return self.refuse(Error::InvalidInput(format!("branch {i} ({}) has no statement", b.participant)));
+            }
+            self.check_statements(&b.participant, b.statements.len())?;
             for s in &b.statements {
-                refuse_transaction_control(&s.sql)?;
+                refuse_transaction_control(&s.sql).or_else(|e| self.refuse(e))?;
             }
         }
         if let Some(key) = &spec.idempotency_key {
-            crate::txn::validate_idempotency_key(key)?;
+            crate::txn::validate_idempotency_key(key).or_else(|e| self.refuse(e))?;
         }
-        let timeout = spec.timeout.unwrap_or(TIMEOUT_DEFAULT);
-        if timeout.is_zero() || timeout > TIMEOUT_MAX {
-            return Err(Error::InvalidInput(format!("timeout must be above 0 and at most {TIMEOUT_MAX:?}")));
-        }
+        validate_labels(&spec.labels).or_else(|e| self.refuse(e))?;
+        let timeout = self.timeout(spec.timeout)?;
         // Only the leader runs transactions; a follower's request is forwarded.
         if !self.node.raft.is_leader() {
             return Err(self.node.not_leader_now());
         }
+        // A retry of a request that committed: answer it, run nothing.
+        if let Some(owner) = self.key_owner(&spec.idempotency_key).await? {
+            return Ok(TransactOutcome::duplicate_of(owner));
+        }
 
-        let txid = self.new_txid();
-        self.in_flight.lock().expect("in-flight lock").insert(txid.clone());
+        let names: Vec<String> = spec.branches.iter().map(|b| b.participant.clone()).collect();
+        let (live, guard) = self.admit(timeout, spec.idempotency_key, spec.labels, names, false)?;
+        let statements = spec.branches.into_iter().map(|b| b.statements).collect();
+        let sessions = participants.iter().map(|_| None).collect();
+        self.drive(live, guard, participants, sessions, statements).await
+    }
+
+    /// Commits a transaction whose branches are `participants`, opened
+    /// already (`sessions`) or to be run from `statements`.
+    pub(super) async fn drive(
+        self: &Arc<Self>,
+        live: Arc<Live>,
+        guard: LiveGuard,
+        participants: Vec<Arc<dyn Participant>>,
+        sessions: Vec<Option<Box<dyn BranchSession>>>,
+        statements: Vec<Vec<Statement>>,
+    ) -> Result<TransactOutcome> {
+        let txid = live.txid.clone();
         let (answer_tx, answer_rx) = oneshot::channel();
         let driver = Driver {
+            coordinator: self.clone(),
             node: self.node.clone(),
             txid: txid.clone(),
             machine: Txn::new(
-                spec.branches.iter().map(|b| b.participant.clone()).collect(),
-                spec.idempotency_key,
+                participants.iter().map(|p| p.name().to_string()).collect(),
+                live.idempotency_key.clone(),
                 self.backoff,
             ),
+            live,
             participants,
-            statements: spec.branches.into_iter().map(|b| b.statements).collect(),
+            sessions,
+            statements,
             results: Arc::default(),
+            invalid: Arc::default(),
+            duplicate_of: None,
             answer: Some(answer_tx),
         };
-        let in_flight = InFlight { set: self.in_flight.clone(), txid: txid.clone() };
         tokio::spawn(async move {
             // Dropped when the driver ends, also by a panic.
-            let _in_flight = in_flight;
-            driver.run(timeout).await;
+            let _guard = guard;
+            driver.run().await;
         });
         answer_rx
             .await
             .map_err(|_| Error::OutcomeUnknown(format!("transaction {txid}: the driver stopped before an outcome")))?
     }
+
+    /// Remembers how a transaction that ended without a decision looked.
+    fn remember_ended(&self, live: &Live) {
+        let status = live.status(None);
+        self.ended.lock().expect("ended lock").remember(status);
+    }
 }
 
-/// Removes a txid from the in-flight set when dropped.
-struct InFlight {
-    set: Arc<Mutex<std::collections::HashSet<TxId>>>,
-    txid: TxId,
+/// Removes a transaction from the live set when dropped (also by a panic),
+/// remembering it if it ended without a decision.
+pub(super) struct LiveGuard {
+    coordinator: Weak<Coordinator>,
+    live: Arc<Live>,
 }
 
-impl Drop for InFlight {
+impl Drop for LiveGuard {
     fn drop(&mut self) {
-        if let Ok(mut set) = self.set.lock() {
-            set.remove(&self.txid);
+        let Some(c) = self.coordinator.upgrade() else { return };
+        if let Ok(mut map) = c.live.lock() {
+            map.remove(&self.live.txid);
+        }
+        let undecided = self.live.view.lock().is_ok_and(|v| !v.committed && v.phase == Phase::Done);
+        if undecided || self.live.interactive {
+            c.remember_ended(&self.live);
         }
     }
 }
@@ -204,46 +383,75 @@ enum Input {
     Event(Event),
     /// Proposing the decision failed; whether it holds is unknown here.
     DecisionUnknown(Error),
+    /// The COMMIT was refused: a committed transaction holds its
+    /// idempotency key. An ABORT is recorded instead.
+    KeyOwnedBy(TxId),
 }
 
 struct Driver {
+    coordinator: Arc<Coordinator>,
     node: Arc<Node>,
     txid: TxId,
+    live: Arc<Live>,
     machine: Txn,
     participants: Vec<Arc<dyn Participant>>,
-    /// Per branch, taken by its prepare task.
+    /// Per branch, an interactive transaction's open session, taken by its
+    /// prepare task.
+    sessions: Vec<Option<Box<dyn BranchSession>>>,
+    /// Per branch, a one-shot transaction's statements, taken by its prepare
+    /// task.
     statements: Vec<Vec<Statement>>,
     results: Arc<Mutex<Vec<Option<Vec<StatementResult>>>>>,
+    /// A statement refused as invalid (bad SQL, a parameter of the wrong
+    /// type): the client is answered INVALID_ARGUMENT instead of ABORTED.
+    invalid: Arc<Mutex<Option<Error>>>,
+    duplicate_of: Option<TxId>,
     answer: Option<oneshot::Sender<Result<TransactOutcome>>>,
 }
 
 impl Driver {
-    async fn run(mut self, timeout: Duration) {
+    async fn run(mut self) {
         *self.results.lock().expect("results lock") = vec![None; self.participants.len()];
         // Bounded by what is in flight: one answer per branch per action,
         // plus the timer.
         let (events, mut inbox) = mpsc::unbounded_channel();
         let timer = {
             let events = events.clone();
+            let deadline = self.live.deadline;
             tokio::spawn(async move {
-                tokio::time::sleep(timeout).await;
+                tokio::time::sleep_until(deadline.into()).await;
                 events.send(Input::Event(Event::TimedOut)).ok();
             })
         };
         let mut actions = self.machine.step(Event::CommitRequested);
         loop {
+            self.publish(None);
             for action in actions {
-                self.perform(action, &events, timeout);
+                self.perform(action, &events).await;
             }
             if self.machine.phase() == Phase::Done {
                 break;
             }
             match inbox.recv().await {
-                Some(Input::Event(event)) => actions = self.machine.step(event),
+                Some(Input::Event(event)) => {
+                    let error = match &event {
+                        Event::PrepareFailed { reason, .. } => Some(reason.clone()),
+                        Event::Phase2Failed { error, .. } => Some(error.clone()),
+                        _ => None,
+                    };
+                    self.publish(error);
+                    actions = self.machine.step(event);
+                }
+                Some(Input::KeyOwnedBy(owner)) => {
+                    self.duplicate_of = Some(owner);
+                    actions = Vec::new();
+                }
                 Some(Input::DecisionUnknown(e)) => {
                     // Leave the prepared branches to the leader's recovery,
                     // which acts on what the log holds.
                     tracing::error!(txid = %self.txid, error = %e, "could not record the decision");
+                    Metrics::add(&self.coordinator.metrics.outcome_unknown, 1);
+                    self.publish(Some(e.to_string()));
                     if let Some(answer) = self.answer.take() {
                         answer
                             .send(Err(Error::OutcomeUnknown(format!(
@@ -258,32 +466,57 @@ impl Driver {
                 None => break,
             }
         }
+        self.publish(None);
         timer.abort();
         tracing::debug!(txid = %self.txid, "transaction done");
+    }
+
+    /// Shows the machine's state (and the last error) to `GetTransaction`.
+    fn publish(&self, error: Option<String>) {
+        let machine = &self.machine;
+        self.live.update(|v| {
+            v.phase = machine.phase();
+            v.branches = machine.branches().to_vec();
+            v.committed = machine.decided_commit();
+            v.abort_reason = machine.abort_reason().map(str::to_string);
+            if error.is_some() {
+                v.last_error = error;
+            }
+        });
     }
 
     fn gid(&self, branch: usize) -> Gid {
         Gid::new(&self.node.config.cluster_id, &self.txid, branch as u32)
     }
 
-    fn perform(&mut self, action: Action, events: &mpsc::UnboundedSender<Input>, timeout: Duration) {
+    async fn perform(&mut self, action: Action, events: &mpsc::UnboundedSender<Input>) {
         let events = events.clone();
+        let deadline = self.live.deadline;
         match action {
             Action::Prepare { branch } => {
                 let participant = self.participants[branch].clone();
+                let session = self.sessions[branch].take();
                 let statements = std::mem::take(&mut self.statements[branch]);
                 let results = self.results.clone();
+                let invalid = self.invalid.clone();
                 let gid = self.gid(branch);
                 tokio::spawn(async move {
                     let work = async {
-                        let mut session = participant.begin().await?;
+                        let mut session = match session {
+                            Some(s) => s,
+                            None => participant.begin().await?,
+                        };
                         let mut out = Vec::with_capacity(statements.len());
                         for (i, s) in statements.iter().enumerate() {
                             match session.execute(s).await {
                                 Ok(r) => out.push(r),
                                 Err(e) => {
                                     session.rollback().await.ok();
-                                    return Err(Error::InvalidInput(format!("statement {i}: {e}")));
+                                    let e = e.context(&format!("branch {branch} statement {i}"));
+                                    if matches!(e, Error::InvalidInput(_)) {
+                                        invalid.lock().expect("invalid lock").get_or_insert(e.clone());
+                                    }
+                                    return Err(e);
                                 }
                             }
                         }
@@ -291,11 +524,12 @@ impl Driver {
                         if let Some(slot) = results.lock().expect("results lock").get_mut(branch) {
                             *slot = Some(out);
                         }
-                        Ok(prepared)
+                        failpoint::hit("coordinator::after_prepare").await;
+                        Ok::<_, Error>(prepared)
                     };
                     // The branch's work is bounded by the transaction's
                     // deadline; a dropped session closes its connection.
-                    let event = match tokio::time::timeout(timeout, work).await {
+                    let event = match tokio::time::timeout_at(deadline.into(), work).await {
                         Ok(Ok(prepared)) => Event::Prepared { branch, xid: prepared.xid },
                         Ok(Err(e)) => Event::PrepareFailed { branch, reason: e.to_string() },
                         Err(_) => Event::PrepareFailed { branch, reason: "timed out".into() },
@@ -303,15 +537,19 @@ impl Driver {
                     events.send(Input::Event(event)).ok();
                 });
             }
-            Action::RollbackActive { .. } => {
+            Action::RollbackActive { branch } => {
                 // One-shot branches are begun and ended inside their prepare
-                // task; nothing is open outside it.
+                // task; an interactive one may still be open here.
+                if let Some(session) = self.sessions[branch].take() {
+                    tokio::spawn(async move { session.rollback().await.ok() });
+                }
             }
             Action::ProposeDecision(decision) => {
                 let node = self.node.clone();
                 let txid = self.txid.clone();
+                let info = self.live.info.clone();
                 tokio::spawn(async move {
-                    let input = match propose_decision(&node, &txid, decision).await {
+                    let input = match propose_decision(&node, &txid, decision, info, &events).await {
                         Ok(held) => Input::Event(Event::Decided(held)),
                         Err(e) => Input::DecisionUnknown(e),
                     };
@@ -320,8 +558,12 @@ impl Driver {
             }
             Action::CommitPrepared { branch } | Action::RollbackPrepared { branch } => {
                 let commit = matches!(action, Action::CommitPrepared { .. });
+                if commit && branch == 0 {
+                    failpoint::hit("coordinator::before_commit_prepared").await;
+                }
                 let participant = self.participants[branch].clone();
                 let gid = self.gid(branch);
+                let metrics = self.coordinator.metrics.clone();
                 tokio::spawn(async move {
                     let call = async {
                         if commit {
@@ -334,10 +576,16 @@ impl Driver {
                         Err(Error::Unavailable { message: "no answer in time".into(), leader: None })
                     });
                     let event = match result {
-                        Ok(Phase2::Done) => Event::Phase2Done { branch },
+                        Ok(Phase2::Done) => {
+                            if commit {
+                                failpoint::hit("coordinator::after_commit_prepared").await;
+                            }
+                            Event::Phase2Done { branch }
+                        }
                         Ok(Phase2::GidMissing) => Event::GidMissing { branch },
                         Err(e) => {
                             tracing::warn!(%gid, error = %e, "phase 2 failed; will retry");
+                            Metrics::add(&metrics.phase2_retries, 1);
                             Event::Phase2Failed { branch, error: e.to_string() }
                         }
                     };
@@ -365,6 +613,7 @@ impl Driver {
                 });
             }
             Action::ReportHeuristic { branch, decided_commit } => {
+                Metrics::add(&self.coordinator.metrics.heuristic, 1);
                 tracing::error!(
                     txid = %self.txid,
                     gid = %self.gid(branch),
@@ -374,35 +623,54 @@ impl Driver {
                 );
             }
             Action::ProposeComplete => {
-                let node = self.node.clone();
-                let txid = self.txid.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = node.propose(Op::Complete { txid: txid.clone() }).await {
-                        tracing::warn!(%txid, error = %e, "recording COMPLETE failed");
-                    }
-                });
+                let heuristic = self
+                    .machine
+                    .branches()
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| match s {
+                        BranchState::Heuristic { committed } => {
+                            Some(HeuristicBranch { branch: i as u32, committed: *committed })
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                self.coordinator.completer.complete(Completion { txid: self.txid.clone(), heuristic });
             }
             Action::Answer(outcome) => {
                 if let Some(answer) = self.answer.take() {
+                    let name = |i: usize| self.participants[i].name().to_string();
                     let outcome = match outcome {
-                        Outcome::Committed { pending, heuristic } => TransactOutcome {
-                            txid: self.txid.clone(),
-                            aborted: None,
-                            // Every branch has prepared: every result is in.
-                            results: std::mem::take(&mut *self.results.lock().expect("results lock"))
-                                .into_iter()
-                                .map(Option::unwrap_or_default)
-                                .collect(),
-                            pending,
-                            heuristic,
-                        },
-                        Outcome::Aborted { reason } => TransactOutcome {
-                            txid: self.txid.clone(),
-                            aborted: Some(reason),
-                            results: Vec::new(),
-                            pending: Vec::new(),
-                            heuristic: Vec::new(),
-                        },
+                        Outcome::Committed { pending, heuristic } => {
+                            Metrics::add(&self.coordinator.metrics.committed, 1);
+                            failpoint::hit("coordinator::before_answer").await;
+                            TransactOutcome {
+                                txid: self.txid.clone(),
+                                aborted: None,
+                                // Every branch has prepared: every result is in.
+                                results: std::mem::take(&mut *self.results.lock().expect("results lock"))
+                                    .into_iter()
+                                    .map(Option::unwrap_or_default)
+                                    .collect(),
+                                pending: pending.into_iter().map(name).collect(),
+                                heuristic: heuristic.into_iter().map(name).collect(),
+                                duplicate: false,
+                            }
+                        }
+                        // The request repeated a key that committed: that
+                        // commit is its answer; this attempt was rolled back.
+                        Outcome::Aborted { .. } if self.duplicate_of.is_some() => {
+                            TransactOutcome::duplicate_of(self.duplicate_of.clone().expect("checked"))
+                        }
+                        Outcome::Aborted { reason } => {
+                            if let Some(e) = self.invalid.lock().expect("invalid lock").take() {
+                                Metrics::add(&self.coordinator.metrics.rejected_invalid, 1);
+                                answer.send(Err(e)).ok();
+                                return;
+                            }
+                            Metrics::add(&self.coordinator.metrics.aborted, 1);
+                            TransactOutcome::aborted(self.txid.clone(), reason)
+                        }
                     };
                     answer.send(Ok(outcome)).ok();
                 }
@@ -413,19 +681,31 @@ impl Driver {
 
 /// Records `decision` for `txid` and returns the decision that holds. An
 /// idempotency key that another committed txid holds turns this COMMIT into
-/// a recorded ABORT.
-async fn propose_decision(node: &Node, txid: &TxId, decision: Decision) -> Result<Decision> {
+/// a recorded ABORT (and the owner is sent as [`Input::KeyOwnedBy`]).
+async fn propose_decision(
+    node: &Node,
+    txid: &TxId,
+    decision: Decision,
+    info: TxnInfo,
+    events: &mpsc::UnboundedSender<Input>,
+) -> Result<Decision> {
     let mut attempt = 0;
     let mut decision = decision;
     loop {
         attempt += 1;
-        let proposal = node.propose(Op::Decide { txid: txid.clone(), decision: decision.clone() });
+        let proposal = node.propose(Op::Decide { txid: txid.clone(), decision: decision.clone(), info: info.clone() });
         let result = tokio::time::timeout(PROPOSE_TIMEOUT, proposal)
             .await
             .unwrap_or_else(|_| Err(Error::OutcomeUnknown(format!("no decision applied in {PROPOSE_TIMEOUT:?}"))));
         match result {
-            Ok(CommandResponse::Decided { record, .. }) => return Ok(record.decision),
+            Ok(CommandResponse::Decided { record, .. }) => {
+                if record.decision.is_commit() {
+                    failpoint::hit("coordinator::after_commit_decision").await;
+                }
+                return Ok(record.decision);
+            }
             Ok(CommandResponse::IdempotencyConflict { key, txid: owner }) => {
+                events.send(Input::KeyOwnedBy(owner.clone())).ok();
                 decision = Decision::Abort {
                     reason: format!("idempotency key {key:?} already belongs to committed transaction {owner}"),
                 };

@@ -9,8 +9,11 @@
 //!    the compare-and-set then says what really holds), and finish the
 //!    branch the way the decision that holds says.
 //! 3. Re-drive every decided, incomplete COMMIT not in flight here: COMMIT
-//!    PREPARED on each branch it names, then COMPLETE. An incomplete ABORT
-//!    is complete once no branch of it is prepared anywhere.
+//!    PREPARED on each branch it names, then COMPLETE. A branch whose gid
+//!    is gone is checked by the xid the decision recorded: rolled back
+//!    means a heuristic outcome, logged and kept in the record. An
+//!    incomplete ABORT is complete once no branch of it is prepared
+//!    anywhere.
 //!
 //! Every action follows a decision that was applied, so a deposed leader
 //! that is still driving the same transaction cannot make it go both ways.
@@ -21,11 +24,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Coordinator;
+use super::Metrics;
 use crate::error::Result;
 use crate::participant::Phase2;
 use crate::raft::CommandResponse;
+use crate::raft::Completion;
 use crate::raft::Op;
 use crate::txn::Decision;
+use crate::txn::HeuristicBranch;
 use crate::txn::RecordState;
 use crate::txn::TxId;
 use crate::txn::gid::Gid;
@@ -92,7 +98,14 @@ impl Coordinator {
                 Some(record) => record.decision,
                 None => {
                     let reason = "no decision was recorded before its leader stopped (presumed abort)".to_string();
-                    match node.propose(Op::Decide { txid: txid.clone(), decision: Decision::Abort { reason } }).await? {
+                    match node
+                        .propose(Op::Decide {
+                            txid: txid.clone(),
+                            decision: Decision::Abort { reason },
+                            info: Default::default(),
+                        })
+                        .await?
+                    {
                         CommandResponse::Decided { record, .. } => record.decision,
                         other => return Err(crate::error::Error::Internal(format!("unexpected {other:?}"))),
                     }
@@ -117,11 +130,14 @@ impl Coordinator {
                     participant.rollback_prepared(gid).await
                 };
                 match result {
-                    Ok(_) => tracing::info!(
+                    Ok(_) => {
+                        Metrics::add(&self.metrics.reconciled, 1);
+                        tracing::info!(
                         %gid, participant = %name,
                         action = if commit { "committed" } else { "rolled back" },
                         "reconciled a prepared branch"
-                    ),
+                        )
+                    }
                     Err(e) => tracing::warn!(%gid, participant = %name, error = %e, "reconciling failed; will retry"),
                 }
             }
@@ -137,6 +153,7 @@ impl Coordinator {
                 if self.in_flight(&record.txid) {
                     continue;
                 }
+                let mut heuristic = Vec::new();
                 let done = match &record.decision {
                     Decision::Commit { branches, .. } => {
                         let mut all = true;
@@ -148,7 +165,24 @@ impl Coordinator {
                                 continue;
                             };
                             match participant.commit_prepared(&gid).await {
-                                Ok(Phase2::Done | Phase2::GidMissing) => {}
+                                Ok(Phase2::Done) => Metrics::add(&self.metrics.reconciled, 1),
+                                // Gone: committed by an earlier round or driver,
+                                // or ended by another hand. The xid tells.
+                                Ok(Phase2::GidMissing) => match b.xid {
+                                    None => {}
+                                    Some(xid) => match participant.branch_outcome(xid).await {
+                                        Ok(Some(true)) => {}
+                                        Ok(Some(false)) => {
+                                            Metrics::add(&self.metrics.heuristic, 1);
+                                            tracing::error!(
+                                                txid = %record.txid, %gid, participant = %b.participant, decided = "commit",
+                                                "HEURISTIC OUTCOME: a branch ended against the decision"
+                                            );
+                                            heuristic.push(HeuristicBranch { branch: i as u32, committed: false });
+                                        }
+                                        Ok(None) | Err(_) => all = false,
+                                    },
+                                },
                                 Err(e) => {
                                     tracing::warn!(%gid, error = %e, "COMMIT PREPARED failed; will retry");
                                     all = false;
@@ -160,7 +194,10 @@ impl Coordinator {
                     Decision::Abort { .. } => listed_all && !still_prepared.contains(&record.txid),
                 };
                 if done {
-                    node.propose(Op::Complete { txid: record.txid.clone() }).await?;
+                    node.propose(Op::CompleteBatch {
+                        items: vec![Completion { txid: record.txid.clone(), heuristic }],
+                    })
+                    .await?;
                 }
             }
         }

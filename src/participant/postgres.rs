@@ -110,9 +110,13 @@ pub fn pg_error(participant: &str, e: tokio_postgres::Error) -> Error {
         Some(db) => {
             let message = format!("{participant}: {} ({})", db.message(), db.code().code());
             match db.code().code().get(..2) {
-                // Data exceptions, integrity violations, syntax errors and
-                // undefined objects, invalid transaction state.
-                Some("22" | "23" | "42" | "25" | "2B" | "P0") => Error::InvalidInput(message),
+                // The request's own fault: data exceptions (a parameter of
+                // the wrong type), syntax errors and undefined objects,
+                // invalid transaction state.
+                Some("22" | "42" | "25") => Error::InvalidInput(message),
+                // Valid, but the data does not allow it: integrity
+                // violations (a CHECK, a unique key), raised exceptions.
+                Some("23" | "2B" | "P0") => Error::FailedPrecondition(message),
                 // Serialization failures and deadlocks: worth retrying.
                 Some("40") => Error::Unavailable { message, leader: None },
                 _ => Error::FailedPrecondition(message),

@@ -63,7 +63,9 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::txn::Decision;
+use crate::txn::HeuristicBranch;
 use crate::txn::TxId;
+use crate::txn::TxnInfo;
 use crate::txn::TxnRecord;
 
 pub use log_store::LogStore;
@@ -102,13 +104,35 @@ pub struct Command {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     /// Record a decision: a compare-and-set, the first one for a txid holds.
-    Decide { txid: TxId, decision: Decision },
+    /// `info` is kept with the record when this decision is the first.
+    Decide {
+        txid: TxId,
+        decision: Decision,
+        #[serde(default)]
+        info: TxnInfo,
+    },
     /// Phase 2 is done on every branch.
     Complete { txid: TxId },
+    /// Phase 2 is done on every branch of each transaction; the leader
+    /// batches completions into one entry, off the transactions' critical
+    /// path.
+    CompleteBatch { items: Vec<Completion> },
     /// Drop completed records completed before this time, with their
     /// idempotency keys.
     Forget { before_unix_ms: u64 },
 }
+
+/// One transaction of a [`Op::CompleteBatch`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    pub txid: TxId,
+    /// Branches that ended against the decision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heuristic: Vec<HeuristicBranch>,
+}
+
+/// Most completions one entry carries.
+pub const COMPLETE_BATCH_MAX: usize = 512;
 
 impl Command {
     pub fn new(at_unix_ms: u64, op: Op) -> Self {
@@ -119,11 +143,12 @@ impl Command {
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.op {
-            Op::Decide { txid, decision } => {
+            Op::Decide { txid, decision, .. } => {
                 let kind = if decision.is_commit() { "commit" } else { "abort" };
                 write!(f, "decide {txid} {kind}")
             }
             Op::Complete { txid } => write!(f, "complete {txid}"),
+            Op::CompleteBatch { items } => write!(f, "complete {} transactions", items.len()),
             Op::Forget { before_unix_ms } => write!(f, "forget before {before_unix_ms}"),
         }
     }
@@ -150,6 +175,11 @@ pub enum CommandResponse {
     /// `Complete` for a txid with no record.
     NotFound {
         txid: TxId,
+    },
+    /// How many of a batch's transactions were found (and are now
+    /// complete).
+    CompletedBatch {
+        found: u64,
     },
     Forgotten {
         count: u64,

@@ -48,6 +48,7 @@ use serde::Deserialize;
 use serde::Serialize;
 
 use super::COMMAND_VERSION;
+use super::COMPLETE_BATCH_MAX;
 use super::Command;
 use super::CommandResponse;
 use super::Op;
@@ -58,8 +59,10 @@ use super::log_store::encode;
 use crate::error::Error;
 use crate::error::Result;
 use crate::txn::Decision;
+use crate::txn::HeuristicBranch;
 use crate::txn::RecordState;
 use crate::txn::TxId;
+use crate::txn::TxnInfo;
 use crate::txn::TxnRecord;
 
 const KEY_LAST_APPLIED: &[u8] = b"last_applied";
@@ -98,6 +101,19 @@ impl StateMachine {
     pub async fn get(&self, txid: TxId) -> Result<Option<TxnRecord>> {
         let db = self.db.clone();
         blocking(move || read_record(&db, &txid)).await
+    }
+
+    /// The txid whose COMMIT holds idempotency key `key`, if any.
+    pub async fn key_owner(&self, key: String) -> Result<Option<TxId>> {
+        let db = self.db.clone();
+        blocking(move || {
+            let cf = db.cf_handle(cf::SM_KEYS).expect("sm_keys column family");
+            match db.get_cf(&cf, key.as_bytes())? {
+                Some(bytes) => Ok(Some(TxId::parse(std::str::from_utf8(&bytes).map_err(Error::storage)?)?)),
+                None => Ok(None),
+            }
+        })
+        .await
     }
 
     /// Lists records ordered by txid, after `after`, at most `limit`, those in
@@ -222,14 +238,37 @@ impl<'a> Applier<'a> {
             )));
         }
         match &cmd.op {
-            Op::Decide { txid, decision } => self.decide(log_index, cmd.at_unix_ms, txid, decision),
-            Op::Complete { txid } => self.complete(cmd.at_unix_ms, txid),
+            Op::Decide { txid, decision, info } => self.decide(log_index, cmd.at_unix_ms, txid, decision, info),
+            Op::Complete { txid } => self.complete(cmd.at_unix_ms, txid, &[]),
+            Op::CompleteBatch { items } => {
+                if items.len() > COMPLETE_BATCH_MAX {
+                    return Ok(CommandResponse::Invalid {
+                        reason: format!("{} completions in one entry, over {COMPLETE_BATCH_MAX}", items.len()),
+                    });
+                }
+                let mut found = 0;
+                for item in items {
+                    if let CommandResponse::Completed { .. } =
+                        self.complete(cmd.at_unix_ms, &item.txid, &item.heuristic)?
+                    {
+                        found += 1;
+                    }
+                }
+                Ok(CommandResponse::CompletedBatch { found })
+            }
             // Nothing completes after the command's own time.
             Op::Forget { before_unix_ms } => self.forget((*before_unix_ms).min(cmd.at_unix_ms)),
         }
     }
 
-    fn decide(&mut self, log_index: u64, at: u64, txid: &TxId, decision: &Decision) -> Result<CommandResponse> {
+    fn decide(
+        &mut self,
+        log_index: u64,
+        at: u64,
+        txid: &TxId,
+        decision: &Decision,
+        info: &TxnInfo,
+    ) -> Result<CommandResponse> {
         if let Some(existing) = self.record(txid)? {
             let won = match (&existing.decision, decision) {
                 // Every ABORT means the same outcome, whatever its reason.
@@ -240,7 +279,7 @@ impl<'a> Applier<'a> {
             };
             return Ok(CommandResponse::Decided { won, record: existing });
         }
-        if let Err(e) = decision.validate() {
+        if let Err(e) = decision.validate().and_then(|()| info.validate()) {
             return Ok(CommandResponse::Invalid { reason: e.to_string() });
         }
         if let Decision::Commit { idempotency_key: Some(key), .. } = decision {
@@ -259,17 +298,20 @@ impl<'a> Applier<'a> {
             decided_unix_ms: at,
             completed_unix_ms: None,
             decided_log_index: log_index,
+            info: info.clone(),
+            heuristic: Vec::new(),
         };
         self.put_record(&record)?;
         Ok(CommandResponse::Decided { won: true, record })
     }
 
-    fn complete(&mut self, at: u64, txid: &TxId) -> Result<CommandResponse> {
+    fn complete(&mut self, at: u64, txid: &TxId, heuristic: &[HeuristicBranch]) -> Result<CommandResponse> {
         let Some(mut record) = self.record(txid)? else {
             return Ok(CommandResponse::NotFound { txid: txid.clone() });
         };
         if record.completed_unix_ms.is_none() {
             record.completed_unix_ms = Some(at);
+            record.heuristic = heuristic.to_vec();
             self.put_record(&record)?;
             let cf = self.db.cf_handle(cf::SM_COMPLETED).expect("sm_completed column family");
             self.batch.put_cf(&cf, completed_key(at, txid), []);
@@ -542,7 +584,7 @@ mod tests {
 
     fn commit(key: Option<&str>) -> Decision {
         Decision::Commit {
-            branches: vec![Branch { participant: "a".into() }, Branch { participant: "b".into() }],
+            branches: vec![Branch::new("a"), Branch::new("b")],
             idempotency_key: key.map(str::to_string),
         }
     }
@@ -588,9 +630,9 @@ mod tests {
     #[tokio::test]
     async fn first_decision_wins() {
         let mut f = Fixture::new();
-        let r = f.one(10, Op::Decide { txid: txid("t1"), decision: commit(None) }).await;
+        let r = f.one(10, Op::Decide { txid: txid("t1"), decision: commit(None), info: TxnInfo::default() }).await;
         assert!(matches!(r, CommandResponse::Decided { won: true, .. }));
-        let r = f.one(11, Op::Decide { txid: txid("t1"), decision: abort() }).await;
+        let r = f.one(11, Op::Decide { txid: txid("t1"), decision: abort(), info: TxnInfo::default() }).await;
         let CommandResponse::Decided { won, record } = r else { panic!("{r:?}") };
         assert!(!won);
         assert!(record.decision.is_commit());
@@ -603,8 +645,8 @@ mod tests {
         let mut f = Fixture::new();
         let rs = f
             .apply(vec![
-                Command::new(1, Op::Decide { txid: txid("t1"), decision: abort() }),
-                Command::new(1, Op::Decide { txid: txid("t1"), decision: commit(None) }),
+                Command::new(1, Op::Decide { txid: txid("t1"), decision: abort(), info: TxnInfo::default() }),
+                Command::new(1, Op::Decide { txid: txid("t1"), decision: commit(None), info: TxnInfo::default() }),
             ])
             .await;
         assert!(matches!(&rs[0], CommandResponse::Decided { won: true, .. }));
@@ -615,24 +657,24 @@ mod tests {
     #[tokio::test]
     async fn idempotency_key_refuses_second_txid() {
         let mut f = Fixture::new();
-        f.one(1, Op::Decide { txid: txid("t1"), decision: commit(Some("k")) }).await;
-        let r = f.one(2, Op::Decide { txid: txid("t2"), decision: commit(Some("k")) }).await;
+        f.one(1, Op::Decide { txid: txid("t1"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
+        let r = f.one(2, Op::Decide { txid: txid("t2"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
         assert_eq!(r, CommandResponse::IdempotencyConflict { key: "k".into(), txid: txid("t1") });
         assert_eq!(f.sm.get(txid("t2")).await.unwrap(), None);
         // The same txid retrying with its own key gets its record back.
-        let r = f.one(3, Op::Decide { txid: txid("t1"), decision: commit(Some("k")) }).await;
+        let r = f.one(3, Op::Decide { txid: txid("t1"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
         assert!(matches!(r, CommandResponse::Decided { won: true, .. }));
         // An abort does not bind a key.
-        f.one(4, Op::Decide { txid: txid("t3"), decision: abort() }).await;
-        let r = f.one(5, Op::Decide { txid: txid("t4"), decision: commit(Some("k2")) }).await;
+        f.one(4, Op::Decide { txid: txid("t3"), decision: abort(), info: TxnInfo::default() }).await;
+        let r = f.one(5, Op::Decide { txid: txid("t4"), decision: commit(Some("k2")), info: TxnInfo::default() }).await;
         assert!(matches!(r, CommandResponse::Decided { won: true, .. }));
     }
 
     #[tokio::test]
     async fn complete_and_forget() {
         let mut f = Fixture::new();
-        f.one(1, Op::Decide { txid: txid("t1"), decision: commit(Some("k")) }).await;
-        f.one(1, Op::Decide { txid: txid("t2"), decision: abort() }).await;
+        f.one(1, Op::Decide { txid: txid("t1"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
+        f.one(1, Op::Decide { txid: txid("t2"), decision: abort(), info: TxnInfo::default() }).await;
         let r = f.one(5, Op::Complete { txid: txid("t1") }).await;
         let CommandResponse::Completed { record } = r else { panic!("{r:?}") };
         assert_eq!(record.completed_unix_ms, Some(5));
@@ -652,7 +694,7 @@ mod tests {
         assert_eq!(f.sm.get(txid("t1")).await.unwrap(), None);
         // The incomplete abort stays; the key is free again.
         assert!(f.sm.get(txid("t2")).await.unwrap().is_some());
-        let r = f.one(11, Op::Decide { txid: txid("t3"), decision: commit(Some("k")) }).await;
+        let r = f.one(11, Op::Decide { txid: txid("t3"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
         assert!(matches!(r, CommandResponse::Decided { won: true, .. }));
     }
 
@@ -662,10 +704,10 @@ mod tests {
     async fn complete_then_forget_in_one_batch_or_two_agree() {
         let cmds = || {
             vec![
-                Command::new(1, Op::Decide { txid: txid("t1"), decision: commit(Some("k")) }),
+                Command::new(1, Op::Decide { txid: txid("t1"), decision: commit(Some("k")), info: TxnInfo::default() }),
                 Command::new(5, Op::Complete { txid: txid("t1") }),
                 Command::new(9, Op::Forget { before_unix_ms: 6 }),
-                Command::new(9, Op::Decide { txid: txid("t2"), decision: commit(Some("k")) }),
+                Command::new(9, Op::Decide { txid: txid("t2"), decision: commit(Some("k")), info: TxnInfo::default() }),
             ]
         };
         let mut one = Fixture::new();
@@ -684,7 +726,7 @@ mod tests {
     #[tokio::test]
     async fn forget_never_reaches_past_its_own_time() {
         let mut f = Fixture::new();
-        f.one(1, Op::Decide { txid: txid("t1"), decision: abort() }).await;
+        f.one(1, Op::Decide { txid: txid("t1"), decision: abort(), info: TxnInfo::default() }).await;
         f.one(5, Op::Complete { txid: txid("t1") }).await;
         // Stamped at 4: a cut-off in the future is clamped to 4.
         assert_eq!(f.one(4, Op::Forget { before_unix_ms: u64::MAX }).await, CommandResponse::Forgotten { count: 0 });
@@ -694,14 +736,23 @@ mod tests {
     #[tokio::test]
     async fn a_commit_with_other_branches_does_not_win() {
         let mut f = Fixture::new();
-        f.one(1, Op::Decide { txid: txid("t1"), decision: commit(None) }).await;
-        let other = Decision::Commit { branches: vec![Branch { participant: "c".into() }], idempotency_key: None };
-        let r = f.one(2, Op::Decide { txid: txid("t1"), decision: other }).await;
+        f.one(1, Op::Decide { txid: txid("t1"), decision: commit(None), info: TxnInfo::default() }).await;
+        let other = Decision::Commit { branches: vec![Branch::new("c")], idempotency_key: None };
+        let r = f.one(2, Op::Decide { txid: txid("t1"), decision: other, info: TxnInfo::default() }).await;
         assert!(matches!(r, CommandResponse::Decided { won: false, .. }), "{r:?}");
-        let r = f.one(3, Op::Decide { txid: txid("t1"), decision: commit(None) }).await;
+        let r = f.one(3, Op::Decide { txid: txid("t1"), decision: commit(None), info: TxnInfo::default() }).await;
         assert!(matches!(r, CommandResponse::Decided { won: true, .. }), "{r:?}");
-        f.one(4, Op::Decide { txid: txid("t2"), decision: abort() }).await;
-        let r = f.one(5, Op::Decide { txid: txid("t2"), decision: Decision::Abort { reason: "other".into() } }).await;
+        f.one(4, Op::Decide { txid: txid("t2"), decision: abort(), info: TxnInfo::default() }).await;
+        let r = f
+            .one(
+                5,
+                Op::Decide {
+                    txid: txid("t2"),
+                    decision: Decision::Abort { reason: "other".into() },
+                    info: TxnInfo::default(),
+                },
+            )
+            .await;
         assert!(matches!(r, CommandResponse::Decided { won: true, .. }), "{r:?}");
     }
 
@@ -710,7 +761,7 @@ mod tests {
         let mut f = Fixture::new();
         for i in 0..10 {
             let d = if i % 2 == 0 { commit(None) } else { abort() };
-            f.one(1, Op::Decide { txid: txid(&format!("t{i}")), decision: d }).await;
+            f.one(1, Op::Decide { txid: txid(&format!("t{i}")), decision: d, info: TxnInfo::default() }).await;
         }
         f.one(2, Op::Complete { txid: txid("t0") }).await;
         let committed = f.sm.list(Some(RecordState::Committed), None, 100).await.unwrap();
@@ -733,7 +784,7 @@ mod tests {
     #[tokio::test]
     async fn snapshot_round_trip_rebuilds_indexes() {
         let mut f = Fixture::new();
-        f.one(1, Op::Decide { txid: txid("t1"), decision: commit(Some("k")) }).await;
+        f.one(1, Op::Decide { txid: txid("t1"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
         f.one(2, Op::Complete { txid: txid("t1") }).await;
         let snap = f.sm.build_snapshot().await.unwrap();
 
@@ -741,7 +792,7 @@ mod tests {
         g.sm.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
         assert_eq!(g.sm.get(txid("t1")).await.unwrap(), f.sm.get(txid("t1")).await.unwrap());
         g.index = 2;
-        let r = g.one(3, Op::Decide { txid: txid("t2"), decision: commit(Some("k")) }).await;
+        let r = g.one(3, Op::Decide { txid: txid("t2"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
         assert!(matches!(r, CommandResponse::IdempotencyConflict { .. }));
         assert_eq!(g.one(4, Op::Forget { before_unix_ms: 3 }).await, CommandResponse::Forgotten { count: 1 });
         let current = g.sm.get_current_snapshot().await.unwrap().unwrap();

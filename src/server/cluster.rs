@@ -14,6 +14,7 @@ use tonic::Status;
 
 use super::Node;
 use super::convert;
+use crate::coordinator::Coordinator;
 use crate::error::Error;
 use crate::proto as pb;
 use crate::proto::cluster_client::ClusterClient;
@@ -21,11 +22,12 @@ use crate::raft::TypeConfig;
 
 pub struct ClusterService {
     node: Arc<Node>,
+    coordinator: Arc<Coordinator>,
 }
 
 impl ClusterService {
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    pub fn new(node: Arc<Node>, coordinator: Arc<Coordinator>) -> Self {
+        Self { node, coordinator }
     }
 
     fn membership_response(&self, resp: openraft::raft::ClientWriteResponse<TypeConfig>) -> pb::MembershipResponse {
@@ -104,6 +106,8 @@ impl pb::cluster_server::Cluster for ClusterService {
             purged_index: m.purged.map(|l| l.index),
             initialized: !voters.is_empty(),
             records: self.node.state_machine.record_count_estimate().await?,
+            transactions_in_flight: self.coordinator.in_flight_count() as u64,
+            counters: self.coordinator.metrics.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             ..Default::default()
         };
         for (id, node) in membership.nodes() {
@@ -140,5 +144,15 @@ impl pb::cluster_server::Cluster for ClusterService {
             Err(e) => Err(self.node.write_error(e)),
         };
         local_or_forward!(self, request, local, ClusterClient, change_membership)
+    }
+
+    async fn set_fail_point(
+        &self,
+        request: Request<pb::SetFailPointRequest>,
+    ) -> Result<Response<pb::SetFailPointResponse>, Status> {
+        let req = request.into_inner();
+        crate::failpoint::configure(&req.name, &req.actions)?;
+        tracing::warn!(point = %req.name, actions = %req.actions, "fail point set");
+        Ok(Response::new(pb::SetFailPointResponse {}))
     }
 }

@@ -2,12 +2,16 @@
 
 use std::time::Duration;
 
+use crate::coordinator::BeginSpec;
 use crate::coordinator::BranchSpec;
 use crate::coordinator::TransactOutcome;
 use crate::coordinator::TransactSpec;
+use crate::coordinator::TransactionStatus;
+use crate::coordinator::TxnState;
 use crate::error::Error;
 use crate::error::Result;
 use crate::participant::Statement;
+use crate::participant::StatementResult;
 use crate::participant::Value;
 use crate::proto as pb;
 use crate::raft::COMMAND_VERSION;
@@ -15,8 +19,10 @@ use crate::raft::Node;
 use crate::raft::NodeId;
 use crate::txn::Branch;
 use crate::txn::Decision;
+use crate::txn::HeuristicBranch;
 use crate::txn::RecordState;
 use crate::txn::TxId;
+use crate::txn::TxnInfo;
 use crate::txn::TxnRecord;
 
 /// Checks a request's command version: 0 means the current one.
@@ -34,7 +40,7 @@ pub fn decision_from_pb(d: Option<pb::Decision>) -> Result<Decision> {
     let kind = d.and_then(|d| d.kind).ok_or_else(|| Error::InvalidInput("decision is missing".into()))?;
     let decision = match kind {
         pb::decision::Kind::Commit(c) => Decision::Commit {
-            branches: c.branches.into_iter().map(|b| Branch { participant: b.participant }).collect(),
+            branches: c.branches.into_iter().map(|b| Branch { participant: b.participant, xid: b.xid }).collect(),
             idempotency_key: Some(c.idempotency_key).filter(|k| !k.is_empty()),
         },
         pb::decision::Kind::Abort(a) => Decision::Abort { reason: a.reason },
@@ -46,7 +52,7 @@ pub fn decision_from_pb(d: Option<pb::Decision>) -> Result<Decision> {
 pub fn decision_to_pb(d: &Decision) -> pb::Decision {
     let kind = match d {
         Decision::Commit { branches, idempotency_key } => pb::decision::Kind::Commit(pb::Commit {
-            branches: branches.iter().map(|b| pb::Branch { participant: b.participant.clone() }).collect(),
+            branches: branches.iter().map(|b| pb::Branch { participant: b.participant.clone(), xid: b.xid }).collect(),
             idempotency_key: idempotency_key.clone().unwrap_or_default(),
         }),
         Decision::Abort { reason } => pb::decision::Kind::Abort(pb::Abort { reason: reason.clone() }),
@@ -80,6 +86,13 @@ pub fn record_to_pb(r: &TxnRecord) -> pb::TxnRecord {
         decided_unix_ms: r.decided_unix_ms,
         completed_unix_ms: r.completed_unix_ms,
         decided_log_index: r.decided_log_index,
+        labels: r.info.labels.clone().into_iter().collect(),
+        started_unix_ms: r.info.started_unix_ms,
+        heuristic: r
+            .heuristic
+            .iter()
+            .map(|h| pb::HeuristicBranch { branch: h.branch, committed: h.committed })
+            .collect(),
     }
 }
 
@@ -90,6 +103,8 @@ pub fn record_from_pb(r: pb::TxnRecord) -> Result<TxnRecord> {
         decided_unix_ms: r.decided_unix_ms,
         completed_unix_ms: r.completed_unix_ms,
         decided_log_index: r.decided_log_index,
+        info: TxnInfo { started_unix_ms: r.started_unix_ms, labels: r.labels.into_iter().collect() },
+        heuristic: r.heuristic.iter().map(|h| HeuristicBranch { branch: h.branch, committed: h.committed }).collect(),
     })
 }
 
@@ -134,25 +149,52 @@ pub fn value_to_pb(v: &Value) -> pb::Value {
     pb::Value { kind: Some(kind) }
 }
 
+pub fn statement_from_pb(s: &pb::Statement) -> Result<Statement> {
+    let params = s.params.iter().map(value_from_pb).collect::<Result<Vec<_>>>()?;
+    Ok(Statement { sql: s.sql.clone(), params })
+}
+
+fn timeout_from_pb(ms: u32) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms.into()))
+}
+
+fn key_from_pb(key: &str) -> Option<String> {
+    Some(key.to_string()).filter(|k| !k.is_empty())
+}
+
 pub fn transact_from_pb(req: &pb::TransactRequest) -> Result<TransactSpec> {
     let mut branches = Vec::with_capacity(req.branches.len());
     for b in &req.branches {
-        let mut statements = Vec::with_capacity(b.statements.len());
-        for s in &b.statements {
-            let params = s.params.iter().map(value_from_pb).collect::<Result<Vec<_>>>()?;
-            statements.push(Statement { sql: s.sql.clone(), params });
-        }
+        let statements = b.statements.iter().map(statement_from_pb).collect::<Result<Vec<_>>>()?;
         branches.push(BranchSpec { participant: b.participant.clone(), statements });
     }
     Ok(TransactSpec {
         branches,
-        timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms.into())),
-        idempotency_key: Some(req.idempotency_key.clone()).filter(|k| !k.is_empty()),
+        timeout: timeout_from_pb(req.timeout_ms),
+        idempotency_key: key_from_pb(&req.idempotency_key),
+        labels: req.labels.clone().into_iter().collect(),
     })
 }
 
+pub fn begin_from_pb(req: &pb::BeginRequest) -> BeginSpec {
+    BeginSpec {
+        timeout: timeout_from_pb(req.timeout_ms),
+        idempotency_key: key_from_pb(&req.idempotency_key),
+        labels: req.labels.clone().into_iter().collect(),
+    }
+}
+
+pub fn result_to_pb(r: &StatementResult) -> pb::StatementResult {
+    pb::StatementResult {
+        rows_affected: r.rows_affected,
+        columns: r.columns.clone(),
+        rows: r.rows.iter().map(|row| pb::Row { values: row.iter().map(value_to_pb).collect() }).collect(),
+    }
+}
+
+/// `participants` names the branches in request order (one-shot
+/// transactions, whose results are returned).
 pub fn transact_to_pb(o: &TransactOutcome, participants: &[String]) -> pb::TransactResponse {
-    let name = |i: &usize| participants.get(*i).cloned().unwrap_or_default();
     pb::TransactResponse {
         txid: o.txid.to_string(),
         outcome: if o.aborted.is_none() { pb::Outcome::Committed } else { pb::Outcome::Aborted } as i32,
@@ -160,24 +202,59 @@ pub fn transact_to_pb(o: &TransactOutcome, participants: &[String]) -> pb::Trans
         branches: o
             .results
             .iter()
-            .enumerate()
-            .map(|(i, results)| pb::BranchResult {
-                participant: name(&i),
-                results: results
-                    .iter()
-                    .map(|r| pb::StatementResult {
-                        rows_affected: r.rows_affected,
-                        columns: r.columns.clone(),
-                        rows: r
-                            .rows
-                            .iter()
-                            .map(|row| pb::Row { values: row.iter().map(value_to_pb).collect() })
-                            .collect(),
-                    })
-                    .collect(),
+            .zip(participants)
+            .map(|(results, p)| pb::BranchResult {
+                participant: p.clone(),
+                results: results.iter().map(result_to_pb).collect(),
             })
             .collect(),
-        pending: o.pending.iter().map(name).collect(),
-        heuristic: o.heuristic.iter().map(name).collect(),
+        pending: o.pending.clone(),
+        heuristic: o.heuristic.clone(),
+        duplicate: o.duplicate,
+    }
+}
+
+pub fn txn_state_to_pb(s: TxnState) -> pb::TransactionState {
+    match s {
+        TxnState::Active => pb::TransactionState::Active,
+        TxnState::Preparing => pb::TransactionState::Preparing,
+        TxnState::Committing => pb::TransactionState::Committing,
+        TxnState::Committed => pb::TransactionState::Committed,
+        TxnState::Aborting => pb::TransactionState::Aborting,
+        TxnState::Aborted => pb::TransactionState::Aborted,
+    }
+}
+
+pub fn txn_state_from_pb(s: i32) -> Result<Option<TxnState>> {
+    Ok(Some(match pb::TransactionState::try_from(s) {
+        Ok(pb::TransactionState::Unspecified) => return Ok(None),
+        Ok(pb::TransactionState::Active) => TxnState::Active,
+        Ok(pb::TransactionState::Preparing) => TxnState::Preparing,
+        Ok(pb::TransactionState::Committing) => TxnState::Committing,
+        Ok(pb::TransactionState::Committed) => TxnState::Committed,
+        Ok(pb::TransactionState::Aborting) => TxnState::Aborting,
+        Ok(pb::TransactionState::Aborted) => TxnState::Aborted,
+        Err(_) => return Err(Error::InvalidInput(format!("unknown transaction state {s}"))),
+    }))
+}
+
+pub fn transaction_to_pb(t: &TransactionStatus) -> pb::Transaction {
+    pb::Transaction {
+        txid: t.txid.to_string(),
+        state: txn_state_to_pb(t.state) as i32,
+        reason: t.reason.clone().unwrap_or_default(),
+        branches: t
+            .branches
+            .iter()
+            .map(|b| pb::TransactionBranch { participant: b.participant.clone(), state: b.state.clone(), xid: b.xid })
+            .collect(),
+        labels: t.labels.clone().into_iter().collect(),
+        started_unix_ms: t.started_unix_ms,
+        deadline_unix_ms: t.deadline_unix_ms,
+        decided_unix_ms: t.decided_unix_ms,
+        completed_unix_ms: t.completed_unix_ms,
+        last_error: t.last_error.clone().unwrap_or_default(),
+        heuristic: t.heuristic.clone(),
+        interactive: t.interactive,
     }
 }

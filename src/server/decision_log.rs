@@ -42,7 +42,7 @@ impl DecisionLogService {
         convert::command_version(req.version)?;
         let txid = TxId::parse(&req.txid)?;
         let decision = convert::decision_from_pb(req.decision.clone())?;
-        match self.node.propose(Op::Decide { txid, decision }).await? {
+        match self.node.propose(Op::Decide { txid, decision, info: Default::default() }).await? {
             CommandResponse::Decided { won, record } => {
                 Ok(pb::DecideResponse { won, record: Some(convert::record_to_pb(&record)) })
             }

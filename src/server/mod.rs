@@ -213,7 +213,7 @@ pub async fn serve(config: NodeConfig) -> Result<()> {
             _ = term.recv() => {},
         }
     };
-    let coordinator = Arc::new(crate::coordinator::Coordinator::new(node.clone()));
+    let coordinator = crate::coordinator::Coordinator::new(node.clone());
     let upkeep = [
         tokio::spawn(forget_expired(node.clone())),
         tokio::spawn(crate::coordinator::recovery::run(
@@ -287,7 +287,7 @@ pub async fn run_grpc(
                 .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
         )
         .add_service(
-            proto::cluster_server::ClusterServer::new(cluster::ClusterService::new(node.clone()))
+            proto::cluster_server::ClusterServer::new(cluster::ClusterService::new(node.clone(), coordinator.clone()))
                 .max_decoding_message_size(request_max),
         )
         .add_service(

@@ -2,7 +2,7 @@
 //! keeps.
 //!
 //! Plain data, no I/O. The replicated state machine (`crate::raft`) stores
-//! these records; the 2PC driver (a later module) will move transactions
+//! these records; the 2PC driver (`crate::coordinator`) moves transactions
 //! through their states.
 //!
 //! A record exists once a decision is recorded. Its life:
@@ -19,6 +19,7 @@
 pub mod gid;
 pub mod machine;
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Deserialize;
@@ -85,11 +86,69 @@ impl fmt::Display for TxId {
     }
 }
 
+/// Most labels one transaction may carry, and their longest key and value.
+pub const LABELS_MAX: usize = 16;
+pub const LABEL_KEY_LEN_MAX: usize = 64;
+pub const LABEL_VALUE_LEN_MAX: usize = 256;
+
 /// One participant's share of a global transaction.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Branch {
     /// The participant's configured name.
     pub participant: String,
+    /// The participant's own id of the branch's prepared transaction (a
+    /// PostgreSQL xid), when it has one. If the branch's gid vanishes before
+    /// phase 2 reaches it, this tells how the branch really ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xid: Option<u64>,
+}
+
+impl Branch {
+    pub fn new(participant: impl Into<String>) -> Self {
+        Self { participant: participant.into(), xid: None }
+    }
+}
+
+/// What a decision record keeps about its transaction besides the decision:
+/// shown by `GetTransaction`, never part of the compare-and-set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnInfo {
+    /// When the coordinator began the transaction (Unix milliseconds).
+    #[serde(default)]
+    pub started_unix_ms: u64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl TxnInfo {
+    pub fn validate(&self) -> Result<()> {
+        validate_labels(&self.labels)
+    }
+}
+
+/// Labels: at most [`LABELS_MAX`], keys 1 to 64 bytes, values up to 256.
+pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    if labels.len() > LABELS_MAX {
+        return Err(Error::InvalidInput(format!("{} labels, over the limit of {LABELS_MAX}", labels.len())));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > LABEL_KEY_LEN_MAX {
+            return Err(Error::InvalidInput(format!("label key {k:?} must be 1 to {LABEL_KEY_LEN_MAX} bytes")));
+        }
+        if v.len() > LABEL_VALUE_LEN_MAX {
+            return Err(Error::InvalidInput(format!("label {k:?} is longer than {LABEL_VALUE_LEN_MAX} bytes")));
+        }
+    }
+    Ok(())
+}
+
+/// A branch that ended against its transaction's decision, by a hand other
+/// than the coordinator's (an operator's ROLLBACK PREPARED, say).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeuristicBranch {
+    pub branch: u32,
+    /// How it really ended.
+    pub committed: bool,
 }
 
 /// The outcome of a transaction, written once to the replicated log.
@@ -216,6 +275,12 @@ pub struct TxnRecord {
     pub completed_unix_ms: Option<u64>,
     /// Raft log index of the entry that recorded the decision.
     pub decided_log_index: u64,
+    #[serde(default)]
+    pub info: TxnInfo,
+    /// Branches found, when phase 2 reached them, to have ended against the
+    /// decision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heuristic: Vec<HeuristicBranch>,
 }
 
 impl TxnRecord {
@@ -252,7 +317,7 @@ mod tests {
     #[test]
     fn decision_limits() {
         let commit = |n: usize, key: Option<&str>| Decision::Commit {
-            branches: (0..n).map(|i| Branch { participant: format!("p{i}") }).collect(),
+            branches: (0..n).map(|i| Branch::new(format!("p{i}"))).collect(),
             idempotency_key: key.map(str::to_string),
         };
         assert!(commit(2, Some("k")).validate().is_ok());
@@ -260,7 +325,7 @@ mod tests {
         assert!(commit(BRANCHES_MAX + 1, None).validate().is_err());
         assert!(commit(1, Some("")).validate().is_err());
         assert!(commit(1, Some(&"k".repeat(IDEMPOTENCY_KEY_LEN_MAX + 1))).validate().is_err());
-        let bad_name = Decision::Commit { branches: vec![Branch { participant: "a b".into() }], idempotency_key: None };
+        let bad_name = Decision::Commit { branches: vec![Branch::new("a b")], idempotency_key: None };
         assert!(bad_name.validate().is_err());
         let long_reason = Decision::Abort { reason: "r".repeat(ABORT_REASON_LEN_MAX + 1) };
         assert!(long_reason.validate().is_err());

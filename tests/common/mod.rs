@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod bank;
 pub mod postgres;
 
 use std::net::TcpListener;
@@ -29,6 +30,8 @@ pub struct Options {
     /// Recovery rounds rewrite the decision log (they complete ABORTs that
     /// hold no prepared branch); tests of the bare log keep them out.
     pub recovery_interval_ms: u64,
+    /// More lines of the `[coordinator]` table.
+    pub coordinator_config: String,
 }
 
 impl Default for Options {
@@ -38,6 +41,7 @@ impl Default for Options {
             logs_kept_after_snapshot: 1_000,
             extra_config: String::new(),
             recovery_interval_ms: 3_600_000,
+            coordinator_config: String::new(),
         }
     }
 }
@@ -98,11 +102,12 @@ impl TestCluster {
                 "id = {id}\ncluster_id = \"test\"\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n\n[raft]\n\
                  election_timeout_ms_min = 1000\nelection_timeout_ms_max = 2000\nheartbeat_interval_ms = 200\n\
                  snapshot_logs_since_last = {}\nlogs_kept_after_snapshot = {}\n\n\
-                 [coordinator]\nrecovery_interval_ms = {}\n\n{}",
+                 [coordinator]\nrecovery_interval_ms = {}\n{}\n\n{}",
                 data.display(),
                 self.opts.snapshot_logs_since_last,
                 self.opts.logs_kept_after_snapshot,
                 self.opts.recovery_interval_ms,
+                self.opts.coordinator_config,
                 self.opts.extra_config,
             ),
         )
@@ -143,6 +148,18 @@ impl TestCluster {
             .spawn()
             .expect("spawn tandem serve");
         node.child = Some(child);
+    }
+
+    /// Waits until node `id` exits by itself (a fail point that aborts it).
+    pub async fn wait_exit(&mut self, id: u64) {
+        let deadline = Instant::now() + WAIT;
+        let node = &mut self.nodes[(id - 1) as usize];
+        let child = node.child.as_mut().expect("node is running");
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "node {id} did not stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        node.child = None;
     }
 
     /// kill -9.

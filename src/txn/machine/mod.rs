@@ -105,7 +105,8 @@ impl BranchState {
         }
     }
 
-    fn xid(&self) -> Option<u64> {
+    /// The participant's id of the branch's transaction, once prepared.
+    pub fn xid(&self) -> Option<u64> {
         match self {
             BranchState::Prepared { xid } | BranchState::Retrying { xid, .. } | BranchState::Checking { xid, .. } => {
                 *xid
@@ -243,6 +244,16 @@ impl Txn {
 
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// Whether the decision applied from the log is this transaction's
+    /// COMMIT.
+    pub fn decided_commit(&self) -> bool {
+        self.decided.as_ref().is_some_and(Decision::is_commit)
+    }
+
+    pub fn abort_reason(&self) -> Option<&str> {
+        self.abort_reason.as_deref()
     }
 
     pub fn branches(&self) -> &[BranchState] {
@@ -412,7 +423,12 @@ impl Txn {
 
     fn commit_decision(&self) -> Decision {
         Decision::Commit {
-            branches: self.participants.iter().map(|p| Branch { participant: p.clone() }).collect(),
+            branches: self
+                .participants
+                .iter()
+                .zip(&self.branches)
+                .map(|(p, s)| Branch { participant: p.clone(), xid: s.xid() })
+                .collect(),
             idempotency_key: self.idempotency_key.clone(),
         }
     }

@@ -49,10 +49,9 @@ fn parse_event(txn: &Txn, line: &str) -> Event {
         "prepare-failed" => Event::PrepareFailed { branch: branch(), reason: rest(2) },
         "decided" => match words[1] {
             "commit" => Event::Decided(txn.commit_decision()),
-            "commit-other" => Event::Decided(Decision::Commit {
-                branches: vec![Branch { participant: "elsewhere".into() }],
-                idempotency_key: None,
-            }),
+            "commit-other" => {
+                Event::Decided(Decision::Commit { branches: vec![Branch::new("elsewhere")], idempotency_key: None })
+            }
             "abort" => Event::Decided(Decision::Abort { reason: rest(2) }),
             other => panic!("unknown decision {other}"),
         },

@@ -1,0 +1,62 @@
+//! COMPLETE records, batched off the transactions' critical path.
+//!
+//! A driver whose branches are all settled hands its txid here and is done.
+//! One task proposes the completions waiting at that moment as one
+//! [`Op::CompleteBatch`] entry, so under load many transactions share one
+//! entry (and one fsync). A completion that cannot be recorded (no longer
+//! leader, say) is not lost: the record stays incomplete and recovery
+//! completes it.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::Metrics;
+use crate::raft::COMPLETE_BATCH_MAX;
+use crate::raft::CommandResponse;
+use crate::raft::Completion;
+use crate::raft::Op;
+use crate::server::Node;
+
+/// Where drivers send their completions.
+#[derive(Clone)]
+pub struct Completer {
+    tx: mpsc::UnboundedSender<Completion>,
+}
+
+impl Completer {
+    /// Starts the batching task; it ends when every sender is dropped.
+    pub fn start(node: Arc<Node>, metrics: Arc<Metrics>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(node, metrics, rx));
+        Self { tx }
+    }
+
+    pub fn complete(&self, completion: Completion) {
+        // Only fails when the node is shutting down; recovery completes the
+        // record on the next leader.
+        self.tx.send(completion).ok();
+    }
+}
+
+async fn run(node: Arc<Node>, metrics: Arc<Metrics>, mut rx: mpsc::UnboundedReceiver<Completion>) {
+    // Bounded by the transactions in flight: each sends one completion.
+    while let Some(first) = rx.recv().await {
+        let mut items = vec![first];
+        while items.len() < COMPLETE_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(c) => items.push(c),
+                Err(_) => break,
+            }
+        }
+        let n = items.len() as u64;
+        match node.propose(Op::CompleteBatch { items }).await {
+            Ok(CommandResponse::CompletedBatch { .. }) => {
+                Metrics::add(&metrics.completions, n);
+                Metrics::add(&metrics.completion_entries, 1);
+            }
+            Ok(other) => tracing::warn!(?other, "unexpected answer to COMPLETE"),
+            Err(e) => tracing::warn!(count = n, error = %e, "recording COMPLETE failed; recovery will complete them"),
+        }
+    }
+}
