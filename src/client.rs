@@ -40,6 +40,7 @@ use crate::proto::cluster_client::ClusterClient;
 use crate::proto::decision_log_client::DecisionLogClient;
 use crate::proto::transactions_client::TransactionsClient;
 use crate::raft::network::PeerChannels;
+use crate::server::RESPONSE_BYTES_MAX;
 use crate::server::convert;
 use crate::txn::Decision;
 use crate::txn::RecordState;
@@ -133,11 +134,14 @@ impl Client {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            let retry = e.is_retryable() || (repeatable && matches!(e, Error::OutcomeUnknown(_)));
+            // A full leader (RESOURCE_EXHAUSTED) is the caller's to handle:
+            // retrying here would only add load and hide the limit.
+            let retry = matches!(e, Error::Unavailable { .. }) || (repeatable && matches!(e, Error::OutcomeUnknown(_)));
             if !retry || attempt >= ATTEMPTS_MAX {
                 return Err(e);
             }
             if !self.pinned {
+                // Another node may lead, or be up.
                 match e.leader_hint() {
                     Some(hint) => self.switch_to(&hint.addr),
                     None => self.current = (self.current + 1) % self.addrs.len(),
@@ -184,7 +188,13 @@ impl Client {
         // No client-side deadline: the request carries its own timeout.
         self.call_with(keyed, None, |ch| {
             let req = request.clone();
-            async move { TransactionsClient::new(ch).transact(req).await.map(|r| r.into_inner()) }
+            async move {
+                TransactionsClient::new(ch)
+                    .max_decoding_message_size(RESPONSE_BYTES_MAX)
+                    .transact(req)
+                    .await
+                    .map(|r| r.into_inner())
+            }
         })
         .await
     }
@@ -196,7 +206,13 @@ impl Client {
         let resp = self
             .call_with(false, Some(ATTEMPT_TIMEOUT), |ch| {
                 let req = request.clone();
-                async move { TransactionsClient::new(ch).begin(req).await.map(|r| r.into_inner()) }
+                async move {
+                    TransactionsClient::new(ch)
+                        .max_decoding_message_size(RESPONSE_BYTES_MAX)
+                        .begin(req)
+                        .await
+                        .map(|r| r.into_inner())
+                }
             })
             .await?;
         TxId::parse(&resp.txid)
@@ -218,7 +234,13 @@ impl Client {
         // Never repeated after an unknown outcome: it may have run.
         self.call_with(false, None, |ch| {
             let req = req.clone();
-            async move { TransactionsClient::new(ch).execute(req).await.map(|r| r.into_inner()) }
+            async move {
+                TransactionsClient::new(ch)
+                    .max_decoding_message_size(RESPONSE_BYTES_MAX)
+                    .execute(req)
+                    .await
+                    .map(|r| r.into_inner())
+            }
         })
         .await
     }
@@ -229,7 +251,13 @@ impl Client {
         let req = pb::CommitRequest { txid: txid.to_string() };
         self.call_with(true, None, |ch| {
             let req = req.clone();
-            async move { TransactionsClient::new(ch).commit(req).await.map(|r| r.into_inner()) }
+            async move {
+                TransactionsClient::new(ch)
+                    .max_decoding_message_size(RESPONSE_BYTES_MAX)
+                    .commit(req)
+                    .await
+                    .map(|r| r.into_inner())
+            }
         })
         .await
     }
@@ -239,7 +267,13 @@ impl Client {
         let req = pb::RollbackRequest { txid: txid.to_string() };
         self.call(|ch| {
             let req = req.clone();
-            async move { TransactionsClient::new(ch).rollback(req).await.map(|_| ()) }
+            async move {
+                TransactionsClient::new(ch)
+                    .max_decoding_message_size(RESPONSE_BYTES_MAX)
+                    .rollback(req)
+                    .await
+                    .map(|_| ())
+            }
         })
         .await
     }
@@ -249,7 +283,13 @@ impl Client {
         let req = pb::GetTransactionRequest { txid: txid.to_string() };
         self.call(|ch| {
             let req = req.clone();
-            async move { TransactionsClient::new(ch).get_transaction(req).await.map(|r| r.into_inner()) }
+            async move {
+                TransactionsClient::new(ch)
+                    .max_decoding_message_size(RESPONSE_BYTES_MAX)
+                    .get_transaction(req)
+                    .await
+                    .map(|r| r.into_inner())
+            }
         })
         .await
     }
@@ -269,7 +309,13 @@ impl Client {
         let resp = self
             .call(|ch| {
                 let req = req.clone();
-                async move { TransactionsClient::new(ch).list_transactions(req).await.map(|r| r.into_inner()) }
+                async move {
+                    TransactionsClient::new(ch)
+                        .max_decoding_message_size(RESPONSE_BYTES_MAX)
+                        .list_transactions(req)
+                        .await
+                        .map(|r| r.into_inner())
+                }
             })
             .await?;
         Ok(resp.transactions)

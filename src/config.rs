@@ -16,6 +16,7 @@
 //! transactions_in_flight_max = 1024
 //! branches_per_transaction_max = 16
 //! statements_per_branch_max = 1000
+//! result_bytes_max = 4194304
 //!
 //! [coordinator]
 //! timeout_default_ms = 30000
@@ -162,6 +163,10 @@ pub struct Limits {
     pub branches_per_transaction_max: usize,
     /// Most statements one branch may run.
     pub statements_per_branch_max: usize,
+    /// Largest answer of returned rows: a one-shot transaction's results in
+    /// all, or one interactive statement's. Past it the transaction is
+    /// rolled back (at most 32 MiB).
+    pub result_bytes_max: usize,
 }
 
 impl Default for Limits {
@@ -172,6 +177,7 @@ impl Default for Limits {
             transactions_in_flight_max: 1024,
             branches_per_transaction_max: 16,
             statements_per_branch_max: 1000,
+            result_bytes_max: 4 << 20,
         }
     }
 }
@@ -292,6 +298,12 @@ impl NodeConfig {
             return invalid(
                 "limits.transactions_in_flight_max and limits.statements_per_branch_max must be above 0".into(),
             );
+        }
+        if self.limits.result_bytes_max == 0 || self.limits.result_bytes_max > crate::server::RESPONSE_BYTES_MAX / 2 {
+            return invalid(format!(
+                "limits.result_bytes_max must be above 0 and at most {}",
+                crate::server::RESPONSE_BYTES_MAX / 2
+            ));
         }
         let b = self.limits.branches_per_transaction_max;
         if b == 0 || b > crate::txn::BRANCHES_MAX {

@@ -67,6 +67,7 @@ async fn read_modify_write_across_two_databases() {
 
     let r = client.commit(&txid).await.unwrap();
     assert_eq!(r.outcome, pb::Outcome::Committed as i32, "{r:?}");
+    let first = txid.clone();
     assert_eq!(balance(&bank.a, 1).await, OPENING - half);
     assert_eq!(balance(&bank.b, 1).await, OPENING + half);
     // A repeated commit answers the same; the transaction takes no more.
@@ -85,6 +86,16 @@ async fn read_modify_write_across_two_databases() {
     assert_eq!(r.outcome, pb::Outcome::Aborted as i32, "{r:?}");
     assert_eq!(balance(&bank.b, 2).await, OPENING);
 
+    // A parameter of the wrong type: INVALID_ARGUMENT, rolled back; a long
+    // error message still makes a valid ABORT.
+    let txid = client.begin(begin(10_000)).await.unwrap();
+    let long = pb::Value { kind: Some(pb::value::Kind::String("x".repeat(5000))) };
+    let bad = stmt("UPDATE balances SET balance = $1 WHERE id = 2", vec![long]);
+    let e = client.execute(&txid, "accounts_a", bad).await.expect_err("wrong type");
+    assert!(matches!(&e, Error::InvalidInput(m) if m.contains("rolled back")), "{e:?}");
+    let r = client.commit(&txid).await.unwrap();
+    assert_eq!(r.outcome, pb::Outcome::Aborted as i32, "{r:?}");
+
     // Rollback.
     let txid = client.begin(begin(10_000)).await.unwrap();
     client.execute(&txid, "accounts_a", debit(5, 3)).await.unwrap();
@@ -94,8 +105,17 @@ async fn read_modify_write_across_two_databases() {
     let t = client.get_transaction(&txid).await.unwrap();
     assert_eq!(t.state, pb::TransactionState::Aborted as i32, "{t:?}");
 
-    let committed = client.list_transactions(pb::TransactionState::Committed, None, 100).await.unwrap();
-    assert!(committed.iter().all(|t| t.state == pb::TransactionState::Committed as i32));
+    // Listed by state: the committed one is there once phase 2 is complete.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let committed = client.list_transactions(pb::TransactionState::Committed, None, 100).await.unwrap();
+        assert!(committed.iter().all(|t| t.state == pb::TransactionState::Committed as i32), "{committed:?}");
+        if committed.iter().any(|t| t.txid == first.as_str()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{first} not listed: {committed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(Bank::total(&bank.a).await + Bank::total(&bank.b).await, 2 * ACCOUNTS * OPENING);
 }
 

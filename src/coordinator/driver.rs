@@ -344,7 +344,7 @@ impl Coordinator {
 }
 
 /// Removes a transaction from the live set when dropped (also by a panic),
-/// remembering it if it ended without a decision.
+/// remembering it unless it committed.
 pub(super) struct LiveGuard {
     coordinator: Weak<Coordinator>,
     live: Arc<Live>,
@@ -356,8 +356,19 @@ impl Drop for LiveGuard {
         if let Ok(mut map) = c.live.lock() {
             map.remove(&self.live.txid);
         }
-        let undecided = self.live.view.lock().is_ok_and(|v| !v.committed && v.phase == Phase::Done);
-        if undecided || self.live.interactive {
+        // Still open: its request was cancelled before it ended, and its
+        // dropped sessions closed their connections, rolling it back.
+        let committed = self.live.view.lock().map_or(true, |mut v| {
+            if v.phase == Phase::Active {
+                v.phase = Phase::Done;
+                v.abort_reason.get_or_insert_with(|| "the request was cancelled; the branches were rolled back".into());
+            }
+            v.committed
+        });
+        // A committed transaction has its record; the others (rolled back,
+        // or in doubt after a decision that could not be recorded) are
+        // remembered for GetTransaction.
+        if !committed {
             c.remember_ended(&self.live);
         }
     }
@@ -500,6 +511,7 @@ impl Driver {
                 let results = self.results.clone();
                 let invalid = self.invalid.clone();
                 let gid = self.gid(branch);
+                let result_bytes_max = self.node.config.limits.result_bytes_max;
                 tokio::spawn(async move {
                     let work = async {
                         let mut session = match session {
@@ -507,8 +519,19 @@ impl Driver {
                             None => participant.begin().await?,
                         };
                         let mut out = Vec::with_capacity(statements.len());
+                        let mut bytes = 0;
                         for (i, s) in statements.iter().enumerate() {
-                            match session.execute(s).await {
+                            let result = session.execute(s).await.and_then(|r| {
+                                bytes += r.approx_bytes();
+                                if bytes > result_bytes_max {
+                                    return Err(Error::InvalidInput(format!(
+                                        "the returned rows are over {result_bytes_max} bytes \
+                                         (limits.result_bytes_max)"
+                                    )));
+                                }
+                                Ok(r)
+                            });
+                            match result {
                                 Ok(r) => out.push(r),
                                 Err(e) => {
                                     session.rollback().await.ok();

@@ -125,7 +125,11 @@ impl Coordinator {
         self.check_statements(participant, open.statements[branch] + 1)?;
         open.statements[branch] += 1;
         let run = open.sessions[branch].execute(&statement);
+        let max = self.node.config.limits.result_bytes_max;
         let error = match tokio::time::timeout_at(live.deadline.into(), run).await {
+            Ok(Ok(result)) if result.approx_bytes() > max => {
+                Error::InvalidInput(format!("the returned rows are over {max} bytes (limits.result_bytes_max)"))
+            }
             Ok(Ok(result)) => return Ok(result),
             Ok(Err(e)) => e,
             Err(_) => Error::FailedPrecondition("the transaction passed its deadline".into()),
@@ -229,7 +233,7 @@ impl Coordinator {
             .get(txid)
             .and_then(|s| s.reason.clone())
             .unwrap_or_else(|| "no decision was recorded: the transaction was not open on the leader".into());
-        let abort = Decision::Abort { reason };
+        let abort = Decision::Abort { reason: crate::txn::abort_reason(reason) };
         match self.node.propose(Op::Decide { txid: txid.clone(), decision: abort, info: Default::default() }).await? {
             CommandResponse::Decided { record, .. } => Ok(outcome_of(txid, &record.decision)),
             other => Err(Error::Internal(format!("unexpected answer to a decision: {other:?}"))),
@@ -264,7 +268,7 @@ impl Coordinator {
         }
         live.update(|v| {
             v.phase = Phase::Done;
-            v.abort_reason = Some(reason.to_string());
+            v.abort_reason = Some(crate::txn::abort_reason(reason));
             for b in &mut v.branches {
                 *b = BranchState::RolledBack;
             }

@@ -25,6 +25,8 @@ use std::time::Duration;
 
 use super::Coordinator;
 use super::Metrics;
+use super::driver::PARTICIPANT_CALL_TIMEOUT;
+use crate::error::Error;
 use crate::error::Result;
 use crate::participant::Phase2;
 use crate::raft::CommandResponse;
@@ -35,6 +37,14 @@ use crate::txn::HeuristicBranch;
 use crate::txn::RecordState;
 use crate::txn::TxId;
 use crate::txn::gid::Gid;
+
+/// A participant call bounded by [`PARTICIPANT_CALL_TIMEOUT`], so that one
+/// participant that does not answer cannot stall a whole round.
+async fn bounded<T>(call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(PARTICIPANT_CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err(Error::Unavailable { message: "no answer in time".into(), leader: None }))
+}
 
 /// Every record in `state`, page by page.
 async fn incomplete(node: &crate::server::Node, state: RecordState) -> Result<Vec<crate::txn::TxnRecord>> {
@@ -77,7 +87,7 @@ impl Coordinator {
         let mut listed_all = true;
         for name in node.participants.names().map(str::to_string).collect::<Vec<_>>() {
             let participant = node.participants.get(&name)?;
-            match participant.prepared_branches(&cluster_id).await {
+            match bounded(participant.prepared_branches(&cluster_id)).await {
                 Ok(gids) => {
                     for gid in gids {
                         prepared.entry(gid.txid.clone()).or_default().push((name.clone(), gid));
@@ -107,7 +117,7 @@ impl Coordinator {
                         .await?
                     {
                         CommandResponse::Decided { record, .. } => record.decision,
-                        other => return Err(crate::error::Error::Internal(format!("unexpected {other:?}"))),
+                        other => return Err(Error::Internal(format!("unexpected {other:?}"))),
                     }
                 }
             };
@@ -125,9 +135,9 @@ impl Coordinator {
                     Decision::Abort { .. } => false,
                 };
                 let result = if commit {
-                    participant.commit_prepared(gid).await
+                    bounded(participant.commit_prepared(gid)).await
                 } else {
-                    participant.rollback_prepared(gid).await
+                    bounded(participant.rollback_prepared(gid)).await
                 };
                 match result {
                     Ok(_) => {
@@ -164,13 +174,13 @@ impl Coordinator {
                                 all = false;
                                 continue;
                             };
-                            match participant.commit_prepared(&gid).await {
+                            match bounded(participant.commit_prepared(&gid)).await {
                                 Ok(Phase2::Done) => Metrics::add(&self.metrics.reconciled, 1),
                                 // Gone: committed by an earlier round or driver,
                                 // or ended by another hand. The xid tells.
                                 Ok(Phase2::GidMissing) => match b.xid {
                                     None => {}
-                                    Some(xid) => match participant.branch_outcome(xid).await {
+                                    Some(xid) => match bounded(participant.branch_outcome(xid)).await {
                                         Ok(Some(true)) => {}
                                         Ok(Some(false)) => {
                                             Metrics::add(&self.metrics.heuristic, 1);

@@ -52,6 +52,20 @@ pub struct StatementResult {
     pub rows: Vec<Vec<Value>>,
 }
 
+impl StatementResult {
+    /// About how many bytes the result takes in an answer.
+    pub fn approx_bytes(&self) -> usize {
+        let value = |v: &Value| match v {
+            Value::String(s) | Value::Text(s) => s.len() + 4,
+            Value::Bytes(b) => b.len() + 4,
+            _ => 10,
+        };
+        self.columns.iter().map(|c| c.len() + 4).sum::<usize>()
+            + self.rows.iter().map(|r| r.iter().map(value).sum::<usize>() + 4).sum::<usize>()
+            + 16
+    }
+}
+
 /// A prepared branch, as the participant confirmed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Prepared {

@@ -86,8 +86,13 @@ openraft::declare_raft_types!(
 
 pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
-/// The command encoding this build writes and understands.
-pub const COMMAND_VERSION: u32 = 1;
+/// The command encoding this build writes. Version 2 added `Decide.info`,
+/// branch xids and `CompleteBatch`; a version-1 node stops at the first
+/// version-2 entry rather than misread it, so upgrade every node before
+/// the new leader writes.
+pub const COMMAND_VERSION: u32 = 2;
+/// The oldest encoding this build still reads (its new fields default).
+pub const COMMAND_VERSION_MIN: u32 = 1;
 
 /// A replicated command: one entry of the decision log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -48,6 +48,7 @@ use serde::Deserialize;
 use serde::Serialize;
 
 use super::COMMAND_VERSION;
+use super::COMMAND_VERSION_MIN;
 use super::COMPLETE_BATCH_MAX;
 use super::Command;
 use super::CommandResponse;
@@ -229,7 +230,7 @@ impl<'a> Applier<'a> {
     }
 
     fn apply(&mut self, log_index: u64, cmd: &Command) -> Result<CommandResponse> {
-        if cmd.version != COMMAND_VERSION {
+        if !(COMMAND_VERSION_MIN..=COMMAND_VERSION).contains(&cmd.version) {
             // Skipping an entry this node cannot read would make it diverge
             // from nodes that can: stop instead.
             return Err(Error::Storage(format!(
@@ -270,13 +271,9 @@ impl<'a> Applier<'a> {
         info: &TxnInfo,
     ) -> Result<CommandResponse> {
         if let Some(existing) = self.record(txid)? {
-            let won = match (&existing.decision, decision) {
-                // Every ABORT means the same outcome, whatever its reason.
-                (Decision::Abort { .. }, Decision::Abort { .. }) => true,
-                // A COMMIT wins only as recorded: another branch list or key
-                // was never decided.
-                (held, asked) => held == asked,
-            };
+            // Every ABORT means the same outcome, whatever its reason; a
+            // COMMIT wins only with the recorded branch list and key.
+            let won = existing.decision.same_as(decision);
             return Ok(CommandResponse::Decided { won, record: existing });
         }
         if let Err(e) = decision.validate().and_then(|()| info.validate()) {

@@ -15,6 +15,7 @@ use crate::participant::StatementResult;
 use crate::participant::Value;
 use crate::proto as pb;
 use crate::raft::COMMAND_VERSION;
+use crate::raft::COMMAND_VERSION_MIN;
 use crate::raft::Node;
 use crate::raft::NodeId;
 use crate::txn::Branch;
@@ -27,7 +28,7 @@ use crate::txn::TxnRecord;
 
 /// Checks a request's command version: 0 means the current one.
 pub fn command_version(version: u32) -> Result<()> {
-    if version == 0 || version == COMMAND_VERSION {
+    if version == 0 || (COMMAND_VERSION_MIN..=COMMAND_VERSION).contains(&version) {
         Ok(())
     } else {
         Err(Error::InvalidInput(format!(

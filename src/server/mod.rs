@@ -19,7 +19,7 @@ macro_rules! local_or_forward {
             Err(e) => match $self.node.forward_target(&$request, &e) {
                 Some(ch) => {
                     $crate::server::forward(ch, $request.into_inner(), e, |ch, r| async move {
-                        $client::new(ch).$method(r).await
+                        $client::new(ch).max_decoding_message_size($crate::server::RESPONSE_BYTES_MAX).$method(r).await
                     })
                     .await
                 }
@@ -63,6 +63,10 @@ use crate::raft::network::NetworkFactory;
 use crate::raft::network::PeerChannels;
 use crate::raft::network::RAFT_MESSAGE_BYTES_MAX;
 use crate::raft::service::RaftService;
+
+/// Largest answer a client of ours (and a follower forwarding a request)
+/// accepts: twice the largest `limits.result_bytes_max`.
+pub const RESPONSE_BYTES_MAX: usize = 64 << 20;
 
 /// Metadata key marking a request a follower forwarded to the leader, so it
 /// is forwarded at most once.

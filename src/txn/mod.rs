@@ -169,6 +169,20 @@ impl Decision {
         matches!(self, Decision::Commit { .. })
     }
 
+    /// Whether two decisions decide the same thing: any two ABORTs (whatever
+    /// their reasons), or COMMITs of the same participants with the same
+    /// idempotency key (whatever xids they carry, which only help recovery).
+    pub fn same_as(&self, other: &Decision) -> bool {
+        match (self, other) {
+            (Decision::Abort { .. }, Decision::Abort { .. }) => true,
+            (
+                Decision::Commit { branches: a, idempotency_key: ka },
+                Decision::Commit { branches: b, idempotency_key: kb },
+            ) => ka == kb && a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.participant == y.participant),
+            _ => false,
+        }
+    }
+
     /// Checks the limits and formats a decision must respect before it is
     /// proposed. Apply relies on it: it never sees an invalid decision from a
     /// well-behaved leader, and refuses one from any other.
@@ -203,6 +217,21 @@ impl Decision {
             }
         }
     }
+}
+
+/// `reason` cut to [`ABORT_REASON_LEN_MAX`] bytes (at a character
+/// boundary), fit for an ABORT decision.
+pub fn abort_reason(reason: impl Into<String>) -> String {
+    let mut reason = reason.into();
+    if reason.len() > ABORT_REASON_LEN_MAX {
+        let mut end = ABORT_REASON_LEN_MAX - 3;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push_str("...");
+    }
+    reason
 }
 
 /// An idempotency key: 1 to 128 bytes.
@@ -329,5 +358,8 @@ mod tests {
         assert!(bad_name.validate().is_err());
         let long_reason = Decision::Abort { reason: "r".repeat(ABORT_REASON_LEN_MAX + 1) };
         assert!(long_reason.validate().is_err());
+        let cut = abort_reason("é".repeat(ABORT_REASON_LEN_MAX));
+        assert!(cut.len() <= ABORT_REASON_LEN_MAX && cut.ends_with("..."));
+        assert!(Decision::Abort { reason: cut }.validate().is_ok());
     }
 }

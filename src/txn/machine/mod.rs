@@ -17,7 +17,8 @@
 //! The rules that make it safe:
 //! - COMMIT is proposed only when every branch is prepared, and phase 2 acts
 //!   only on the decision *applied* from the log ([`Event::Decided`]), which
-//!   may differ from the one proposed (someone else decided first).
+//!   may differ from the one proposed (someone else decided first). Under a
+//!   COMMIT, whoever recorded it, no branch is rolled back.
 //! - Without a recorded decision a transaction is presumed aborted: rolling
 //!   back before any decision needs no log record.
 //! - A phase-2 failure is retried with capped exponential backoff, forever;
@@ -321,24 +322,19 @@ impl Txn {
                 actions.push(Action::RollbackPrepared { branch });
             }
             (Phase::Deciding, Event::Decided(decision)) => {
-                let ours = decision == self.commit_decision();
-                // Complete only a record this transaction carries out: its own
-                // COMMIT, or an ABORT. Another COMMIT for the txid is not ours
-                // to complete.
-                if ours || !decision.is_commit() {
-                    self.decided = Some(decision.clone());
-                }
-                if ours {
-                    self.phase = Phase::Committing;
-                    for branch in 0..self.branches.len() {
-                        actions.push(Action::CommitPrepared { branch });
+                self.decided = Some(decision.clone());
+                match decision {
+                    // Any COMMIT recorded for this txid commits its branches:
+                    // a gid names branch i of this txid, and under a COMMIT
+                    // no branch is ever rolled back. (One recorded by another
+                    // hand, an operator's, may differ from the one proposed.)
+                    Decision::Commit { .. } => {
+                        self.phase = Phase::Committing;
+                        for branch in 0..self.branches.len() {
+                            actions.push(Action::CommitPrepared { branch });
+                        }
                     }
-                } else {
-                    let reason = match decision {
-                        Decision::Abort { reason } => reason,
-                        Decision::Commit { .. } => "a different COMMIT was recorded for this txid".into(),
-                    };
-                    self.start_abort(reason, &mut actions);
+                    Decision::Abort { reason } => self.start_abort(reason, &mut actions),
                 }
             }
             (Phase::Committing | Phase::Aborting, Event::Phase2Done { branch }) if self.in_phase2(branch) => {
