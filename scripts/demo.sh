@@ -1,80 +1,212 @@
 #!/usr/bin/env bash
-# The demo: a local three-node cluster, decisions written through different
-# nodes, the leader killed part-way, writes continuing on the new leader, the
-# old leader restarted and catching up.
+# The demo: bank transfers between two PostgreSQL databases, each one atomic
+# through Tandem's two-phase commit, while the Raft leader is killed.
 #
-# Two-phase commit against databases comes with the next stage; today the
-# demo shows the replicated decision log that 2PC stands on.
+# Two throwaway PostgreSQL servers hold accounts_a and accounts_b, 10 accounts
+# of 1000 each. A local three-node cluster (scripts/cluster.sh) has them as
+# participants. Workers send random transfers from an account in one database
+# to an account in the other: one `tandem txn transact` each, a debit branch
+# and a credit branch, with its own idempotency key. A transfer that would
+# take a balance below zero fails the CHECK constraint and aborts as a whole.
+# A few may time out (10 s): two transfers going opposite ways can each hold
+# a row the other waits for, in different databases, where neither server
+# sees the deadlock; the transaction timeout ends it with an abort.
+# Part-way, the leader is killed with SIGKILL; transfers go on through the
+# new leader, and the old one is restarted. At the end the money over both
+# databases must be what it was and no prepared branch may be left, or the
+# script exits non-zero.
 #
-#   scripts/demo.sh          run it, then stop the cluster (data kept in .tandem/)
-#   scripts/demo.sh --keep   leave the cluster running afterwards
+#   scripts/demo.sh          run it, then stop the cluster and both servers
+#   scripts/demo.sh --keep   leave everything running; prints how to stop it
+#
+# DEMO_SECONDS (40), DEMO_WORKERS (4) and DEMO_KILL_AFTER (15 s) change the
+# workload. Cluster state is in .tandem/demo (TANDEM_HOME), the servers in a
+# temporary directory.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 
 keep=false
-[ "${1:-}" = "--keep" ] && keep=true
+case "${1:-}" in
+    --keep) keep=true ;;
+    "") ;;
+    *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
+DURATION=${DEMO_SECONDS:-40} WORKERS=${DEMO_WORKERS:-4} KILL_AFTER=${DEMO_KILL_AFTER:-15}
+ACCOUNTS=10 DBS=(accounts_a accounts_b)
+DEBIT='UPDATE balances SET balance = balance - $1 WHERE id = $2'
+CREDIT='UPDATE balances SET balance = balance + $1 WHERE id = $2'
 
 export TANDEM_HOME="${TANDEM_HOME:-$REPO_ROOT/.tandem/demo}"
 export TANDEM_NODES="127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
 cluster() { "$REPO_ROOT/scripts/cluster.sh" "$@"; }
+now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
+t_begin=$(now_ms)
+
+build_tandem # installs PostgreSQL, the compilers and libclang if missing
+PG_BIN=$(pg_config --bindir 2>/dev/null || true)
+[ -x "$PG_BIN/initdb" ] || PG_BIN=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n1)
+
+# PostgreSQL refuses to run as root: then its servers run as `postgres`.
+as_pg=()
+[ "$(id -u)" -ne 0 ] || as_pg=(runuser -u postgres --)
+PGDIR=$(mktemp -d "${TMPDIR:-/tmp}/tandem-demo.XXXXXX")
+[ "$(id -u)" -ne 0 ] || chown postgres:postgres "$PGDIR"
+WORK="$PGDIR/workload"
+declare -A PORT
+pids=()
+
 finish() {
-    if ! $keep; then
-        cluster down
-        echo "cluster stopped; data in $TANDEM_HOME (scripts/cluster.sh wipe removes it)"
+    ((${#pids[@]} == 0)) || kill "${pids[@]}" 2>/dev/null || true
+    if $keep; then
+        echo
+        echo "left running; psql -h 127.0.0.1 -U postgres -p ${PORT[accounts_a]:-?} accounts_a (-p ${PORT[accounts_b]:-?} accounts_b)"
+        echo "stop everything with:"
+        echo "  TANDEM_HOME=$TANDEM_HOME $REPO_ROOT/scripts/cluster.sh down"
+        for db in "${!PORT[@]}"; do echo "  ${as_pg[*]} $PG_BIN/pg_ctl -D $PGDIR/$db/data stop"; done
+        echo "  rm -rf $PGDIR"
+        return
     fi
+    cluster down || true
+    for db in "${!PORT[@]}"; do
+        (cd / && "${as_pg[@]}" "$PG_BIN/pg_ctl" -D "$PGDIR/$db/data" -m fast -w stop >/dev/null) || true
+    done
+    rm -rf "$PGDIR"
+    echo "cluster and PostgreSQL servers stopped; node logs in $TANDEM_HOME/logs"
 }
 trap finish EXIT
 
-# A fresh cluster each run.
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 40000))
+        (: </dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo "$p"; return; }
+    done
+}
+sql() { "$PG_BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${PORT[$1]}" -U postgres -d "$2" -c "$3"; }
+balance() { sql "$1" "$1" "SELECT sum(balance) FROM balances"; }
+prepared() { sql "$1" postgres "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'tdm\_%'"; }
+
+start_pg() {
+    local db=$1 dir="$PGDIR/$1" port
+    port=$(free_port)
+    (cd / && "${as_pg[@]}" mkdir "$dir" &&
+        "${as_pg[@]}" "$PG_BIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-sync >/dev/null &&
+        "${as_pg[@]}" "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 -o \
+            "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_prepared_transactions=64" \
+            start >/dev/null)
+    PORT[$db]=$port
+    sql "$db" postgres "CREATE DATABASE $db"
+    sql "$db" "$db" "CREATE TABLE balances (id int PRIMARY KEY, balance bigint NOT NULL CHECK (balance >= 0));
+        INSERT INTO balances SELECT g, 1000 FROM generate_series(1, $ACCOUNTS) g"
+    log "PostgreSQL for $db on 127.0.0.1:$port ($dir)"
+}
+for db in "${DBS[@]}"; do start_pg "$db"; done
+before_a=$(balance accounts_a) before_b=$(balance accounts_b)
+
 cluster wipe
-cluster up
+for db in "${DBS[@]}"; do
+    printf '[[participants]]\nname = "%s"\nkind = "postgres"\nurl = "%s"\npool_size = 16\n\n' \
+        "$db" "postgres://postgres@127.0.0.1:${PORT[$db]}/$db"
+done >"$PGDIR/participants.toml"
+cluster up --participants "$PGDIR/participants.toml"
 
 leader_id() {
-    "$TANDEM_BIN" cluster status --json | grep '"role":"leader"' | sed 's/.*"id":\([0-9]*\).*/\1/' | head -n1
+    "$TANDEM_BIN" cluster status --json | grep '"role":"leader"' | sed 's/^{"id":\([0-9]*\),.*/\1/' | head -n1
 }
 
-run_id="d$(date +%s)"
-log "writing 30 decisions, each through a different node"
-for i in $(seq 1 30); do
-    node="127.0.0.1:700$(((i % 3) + 1))"
-    if ((i % 5 == 0)); then
-        "$TANDEM_BIN" log decide --nodes "$node" --txid "${run_id}t$i" --abort "demo: changed our mind" >/dev/null
-    else
-        "$TANDEM_BIN" log decide --nodes "$node" --txid "${run_id}t$i" --commit accounts_a,accounts_b \
-            --idempotency-key "transfer-$run_id-$i" >/dev/null
-    fi
+# One line per transfer in $WORK/wN.log: end time (ms), committed|aborted|
+# failed, node that ran it (from the txid, …t<term>n<node>s<seq>), txid, reason.
+worker() {
+    local w=$1 i=0 from to amount out rc txid outcome reason class node
+    RANDOM=$((BASHPID + w))
+    while [ ! -e "$WORK/stop" ]; do
+        i=$((i + 1))
+        if ((RANDOM % 2)); then from=accounts_a to=accounts_b; else from=accounts_b to=accounts_a; fi
+        amount=$((RANDOM % 400 + 1))
+        rc=0
+        out=$("$TANDEM_BIN" txn transact --idempotency-key "$RUN-w$w-$i" --timeout-ms 10000 \
+            --participant "$from" --sql "$DEBIT" --param "int:$amount" --param "int:$((RANDOM % ACCOUNTS + 1))" \
+            --participant "$to" --sql "$CREDIT" --param "int:$amount" --param "int:$((RANDOM % ACCOUNTS + 1))" \
+            2>"$WORK/w$w.last") || rc=$?
+        cat "$WORK/w$w.last" >>"$WORK/w$w.err"
+        read -r txid outcome reason <<<"${out%%$'\n'*}" || true
+        node=-
+        [[ ${txid:-} =~ t[0-9]+n([0-9]+)s ]] && node=${BASH_REMATCH[1]}
+        if ((rc != 0)); then
+            class=failed reason=$(tail -n1 "$WORK/w$w.last")
+        elif [ "$outcome" = COMMITTED ] || [[ $reason == *"already belongs to committed transaction"* ]]; then
+            class=committed # the second: a retry, after an unknown outcome, of a committed transfer
+            [[ $reason != *repeat* && $reason != *"already belongs"* ]] || reason="a repeat answered by its key"
+        else
+            class=aborted
+        fi
+        echo "$(now_ms) $class $node ${txid:--} ${reason:-}" >>"$WORK/w$w.log"
+    done
+}
+
+RUN="demo$(date +%s)"
+mkdir -p "$WORK"
+log "$WORKERS workers sending transfers for ${DURATION}s; the leader is killed after ${KILL_AFTER}s"
+t_start=$(now_ms)
+for w in $(seq 1 "$WORKERS"); do
+    touch "$WORK/w$w.log"
+    worker "$w" &
+    pids+=($!)
 done
 
-log "the compare-and-set: an ABORT for an already committed txid loses"
-"$TANDEM_BIN" log decide --txid "${run_id}t1" --abort "too late"
-
-log "an idempotency key already bound to another txid is refused"
-"$TANDEM_BIN" log decide --txid "${run_id}x1" --commit accounts_a --idempotency-key "transfer-$run_id-1" || true
-
+sleep "$KILL_AFTER"
+"$TANDEM_BIN" cluster status --wait-leader 30 >/dev/null
 old=$(leader_id)
 log "killing the leader (node $old) with SIGKILL"
+t_kill=$(now_ms)
 cluster kill "$old"
-t0=$(date +%s%N)
-log "writing 30 more decisions while the cluster elects a new leader"
-for i in $(seq 31 60); do
-    "$TANDEM_BIN" log decide --txid "${run_id}t$i" --commit accounts_a,accounts_b >/dev/null
-    if [ "$i" -eq 31 ]; then
-        failover_ms=$((($(date +%s%N) - t0) / 1000000))
-    fi
+first=""
+for _ in $(seq 1 300); do
+    first=$(cat "$WORK"/w*.log | awk -v t="$t_kill" -v old="$old" \
+        '$2 == "committed" && $1 > t && $3 != old && $3 != "-" { if (m == "" || $1 < m) m = $1 } END { print m }')
+    [ -n "$first" ] && break
+    sleep 0.1
 done
-log "first write after the kill was acknowledged after ${failover_ms} ms"
-"$TANDEM_BIN" cluster status
-
-log "restarting node $old; it catches up from its own RocksDB data and the leader"
+failover="no commit within 30 s of the kill"
+[ -z "$first" ] || failover="$((first - t_kill)) ms from the kill of node $old to the first commit after it"
+log "failover: $failover"
+log "restarting node $old"
 cluster restart "$old"
-"$TANDEM_BIN" cluster status --wait-leader 60 >/dev/null
-sleep 1
 
-log "every node's own state machine:"
-for n in 1 2 3; do
-    count=$("$TANDEM_BIN" log list --nodes "127.0.0.1:700$n" --local --limit 1000 | grep -c "^${run_id}" || true)
-    echo "  node $n holds $count of 60 decisions"
+sleep "$(((t_start + DURATION * 1000 - $(now_ms)) / 1000))" 2>/dev/null || true
+touch "$WORK/stop"
+log "stopping the workers"
+wait "${pids[@]}"
+pids=()
+
+log "waiting (at most 60 s) for recovery to finish every prepared branch"
+for _ in $(seq 1 60); do
+    left=$(($(prepared accounts_a) + $(prepared accounts_b)))
+    ((left == 0)) && break
+    sleep 1
 done
-"$TANDEM_BIN" log get "${run_id}t1"
+after_a=$(balance accounts_a) after_b=$(balance accounts_b)
 "$TANDEM_BIN" cluster status
+
+count() { cat "$WORK"/w*.log | awk -v c="$1" -v r="${2:-}" '$2 == c && (r == "" || index($0, r))' | wc -l; }
+reasons() {
+    cat "$WORK"/w*.log | awk -v c="$1" '$2 == c' | cut -d' ' -f5- |
+        sed 's/^.*check constraint.*$/balance would go below 0 (CHECK constraint)/' | cut -c1-100 | sort | uniq -c | sort -rn | sed 's/^/    /'
+}
+echo
+log "summary after $((($(now_ms) - t_begin) / 1000)) s"
+echo "  transfers committed:       $(count committed) (of which repeats answered by their idempotency key: $(count committed 'answered by its key'))"
+echo "  transfers aborted:         $(count aborted)"
+reasons aborted
+echo "  transfers failed/unknown:  $(count failed)"
+reasons failed
+echo "  total balance before:      $((before_a + before_b)) (accounts_a $before_a + accounts_b $before_b)"
+echo "  total balance after:       $((after_a + after_b)) (accounts_a $after_a + accounts_b $after_b)"
+echo "  prepared branches left:    $left"
+echo "  failover:                  $failover"
+ok=true
+((before_a + before_b == after_a + after_b)) || { echo "FAIL: the total changed" >&2; ok=false; }
+((left == 0)) || { echo "FAIL: prepared branches are left" >&2; ok=false; }
+[ -n "$first" ] || { echo "FAIL: nothing committed after the kill" >&2; ok=false; }
+$ok

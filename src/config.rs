@@ -203,6 +203,8 @@ pub struct CoordinatorConfig {
     /// How often the leader reconciles prepared branches and re-drives
     /// decided, incomplete transactions.
     pub recovery_interval_ms: u64,
+    /// Also run a round at once on becoming leader.
+    pub recover_on_leadership: bool,
     /// A transaction's deadline when the request names none, and the
     /// longest one a request may name. An interactive transaction still
     /// open at its deadline is rolled back.
@@ -218,6 +220,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         Self {
             recovery_interval_ms: 5_000,
+            recover_on_leadership: true,
             timeout_default_ms: 30_000,
             timeout_max_ms: 600_000,
             retry_first_ms: 100,

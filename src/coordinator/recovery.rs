@@ -62,15 +62,28 @@ async fn incomplete(node: &crate::server::Node, state: RecordState) -> Result<Ve
 }
 
 /// Runs recovery rounds while the node lives.
+/// Runs recovery rounds while the node lives: at once when it becomes
+/// leader (what a previous leader left in doubt holds locks that new
+/// transactions wait on), then every `interval`.
 pub async fn run(coordinator: Arc<Coordinator>, interval: Duration) {
+    const LEADERSHIP_POLL: Duration = Duration::from_millis(100);
+    let mut was_leader = false;
+    let mut next_round = tokio::time::Instant::now() + interval;
     loop {
-        tokio::time::sleep(interval).await;
-        if !coordinator.node.raft.is_leader() {
+        tokio::time::sleep(LEADERSHIP_POLL.min(interval)).await;
+        let leader = coordinator.node.raft.is_leader();
+        let became_leader = leader && !was_leader && coordinator.node.config.coordinator.recover_on_leadership;
+        was_leader = leader;
+        if !leader || (!became_leader && tokio::time::Instant::now() < next_round) {
             continue;
+        }
+        if became_leader {
+            tracing::info!("became leader: recovering what the previous leader left");
         }
         if let Err(e) = coordinator.recover_once().await {
             tracing::warn!(error = %e, "recovery round failed; will retry");
         }
+        next_round = tokio::time::Instant::now() + interval;
     }
 }
 
@@ -140,7 +153,9 @@ impl Coordinator {
                     bounded(participant.rollback_prepared(gid)).await
                 };
                 match result {
-                    Ok(_) => {
+                    // Its driver finished it after the listing.
+                    Ok(Phase2::GidMissing) => {}
+                    Ok(Phase2::Done) => {
                         Metrics::add(&self.metrics.reconciled, 1);
                         tracing::info!(
                         %gid, participant = %name,

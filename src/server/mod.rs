@@ -136,7 +136,13 @@ impl Node {
     }
 
     fn not_leader_hint(&self, leader_id: Option<u64>, leader_node: Option<&crate::raft::Node>) -> Error {
-        let initialized = self.raft.metrics().borrow_watched().membership_config.voter_ids().next().is_some();
+        let m = self.raft.metrics().borrow_watched().clone();
+        let initialized = m.membership_config.voter_ids().next().is_some();
+        // A restarted member has a log or a term before its membership is
+        // loaded: it is starting up, and another node may answer.
+        if !initialized && (m.last_log_index.is_some() || m.current_term > 0) {
+            return Error::Unavailable { message: format!("node {} is starting up", self.config.id), leader: None };
+        }
         if !initialized {
             return Error::FailedPrecondition(format!(
                 "node {} is not a member of any cluster yet: run `tandem cluster init` or add it with `tandem cluster add-learner`",

@@ -50,6 +50,7 @@ impl Bank {
         let opts = Options {
             extra_config: format!("{}{}\n{extra}", participant("accounts_a", &a), participant("accounts_b", &b)),
             recovery_interval_ms,
+            recover_on_leadership: true,
             coordinator_config: coordinator.to_string(),
             ..Options::default()
         };

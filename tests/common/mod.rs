@@ -30,6 +30,9 @@ pub struct Options {
     /// Recovery rounds rewrite the decision log (they complete ABORTs that
     /// hold no prepared branch); tests of the bare log keep them out.
     pub recovery_interval_ms: u64,
+    /// Whether a new leader runs recovery at once (tests of the bare log
+    /// keep it out, like the periodic rounds).
+    pub recover_on_leadership: bool,
     /// More lines of the `[coordinator]` table.
     pub coordinator_config: String,
 }
@@ -41,6 +44,7 @@ impl Default for Options {
             logs_kept_after_snapshot: 1_000,
             extra_config: String::new(),
             recovery_interval_ms: 3_600_000,
+            recover_on_leadership: false,
             coordinator_config: String::new(),
         }
     }
@@ -102,11 +106,12 @@ impl TestCluster {
                 "id = {id}\ncluster_id = \"test\"\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n\n[raft]\n\
                  election_timeout_ms_min = 1000\nelection_timeout_ms_max = 2000\nheartbeat_interval_ms = 200\n\
                  snapshot_logs_since_last = {}\nlogs_kept_after_snapshot = {}\n\n\
-                 [coordinator]\nrecovery_interval_ms = {}\n{}\n\n{}",
+                 [coordinator]\nrecovery_interval_ms = {}\nrecover_on_leadership = {}\n{}\n\n{}",
                 data.display(),
                 self.opts.snapshot_logs_since_last,
                 self.opts.logs_kept_after_snapshot,
                 self.opts.recovery_interval_ms,
+                self.opts.recover_on_leadership,
                 self.opts.coordinator_config,
                 self.opts.extra_config,
             ),
