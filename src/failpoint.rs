@@ -9,7 +9,13 @@
 //! the process) or `return(sleep 3000)` (pause that task 3 s each time).
 //!
 //! The points, in the order a commit meets them:
+//! - `coordinator::before_prepare`: a branch's statements ran, its PREPARE
+//!   is next;
 //! - `coordinator::after_prepare`: a branch's PREPARE succeeded;
+//! - `coordinator::before_commit_decision`: every branch is prepared, the
+//!   COMMIT is about to be proposed;
+//! - `coordinator::after_commit_proposed`: 1 ms after the COMMIT was handed
+//!   to Raft, before it is known applied;
 //! - `coordinator::after_commit_decision`: the COMMIT decision is applied
 //!   (before any COMMIT PREPARED);
 //! - `coordinator::before_commit_prepared`: about to send COMMIT PREPARED to

@@ -543,6 +543,7 @@ impl Driver {
                                 }
                             }
                         }
+                        failpoint::hit("coordinator::before_prepare").await;
                         let prepared = session.prepare(&gid).await?;
                         if let Some(slot) = results.lock().expect("results lock").get_mut(branch) {
                             *slot = Some(out);
@@ -716,6 +717,16 @@ async fn propose_decision(
     let mut decision = decision;
     loop {
         attempt += 1;
+        if decision.is_commit() {
+            failpoint::hit("coordinator::before_commit_decision").await;
+            // A moment after the entry is handed to Raft, before it is known
+            // applied.
+            #[cfg(feature = "failpoints")]
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                failpoint::hit("coordinator::after_commit_proposed").await;
+            });
+        }
         let proposal = node.propose(Op::Decide { txid: txid.clone(), decision: decision.clone(), info: info.clone() });
         let result = tokio::time::timeout(PROPOSE_TIMEOUT, proposal)
             .await
