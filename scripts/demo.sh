@@ -44,16 +44,9 @@ now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
 t_begin=$(now_ms)
 
 build_tandem # installs PostgreSQL, the compilers and libclang if missing
-PG_BIN=$(pg_config --bindir 2>/dev/null || true)
-[ -x "$PG_BIN/initdb" ] || PG_BIN=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n1)
-
-# PostgreSQL refuses to run as root: then its servers run as `postgres`.
-as_pg=()
-[ "$(id -u)" -ne 0 ] || as_pg=(runuser -u postgres --)
-PGDIR=$(mktemp -d "${TMPDIR:-/tmp}/tandem-demo.XXXXXX")
-[ "$(id -u)" -ne 0 ] || chown postgres:postgres "$PGDIR"
+source "$REPO_ROOT/scripts/pg.sh"
+pg_init
 WORK="$PGDIR/workload"
-declare -A PORT
 pids=()
 
 finish() {
@@ -68,47 +61,23 @@ finish() {
         return
     fi
     cluster down || true
-    for db in "${!PORT[@]}"; do
-        (cd / && "${as_pg[@]}" "$PG_BIN/pg_ctl" -D "$PGDIR/$db/data" -m fast -w stop >/dev/null) || true
-    done
-    rm -rf "$PGDIR"
+    pg_stop_all
     echo "cluster and PostgreSQL servers stopped; node logs in $TANDEM_HOME/logs"
 }
 trap finish EXIT
 
-free_port() {
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 40000))
-        (: </dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo "$p"; return; }
-    done
-}
-sql() { "$PG_BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${PORT[$1]}" -U postgres -d "$2" -c "$3"; }
-balance() { sql "$1" "$1" "SELECT sum(balance) FROM balances"; }
-prepared() { sql "$1" postgres "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'tdm\_%'"; }
+balance() { pg_sql "$1" "$1" "SELECT sum(balance) FROM balances"; }
+prepared() { pg_sql "$1" postgres "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'tdm\_%'"; }
 
-start_pg() {
-    local db=$1 dir="$PGDIR/$1" port
-    port=$(free_port)
-    (cd / && "${as_pg[@]}" mkdir "$dir" &&
-        "${as_pg[@]}" "$PG_BIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-sync >/dev/null &&
-        "${as_pg[@]}" "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 -o \
-            "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_prepared_transactions=64" \
-            start >/dev/null)
-    PORT[$db]=$port
-    sql "$db" postgres "CREATE DATABASE $db"
-    sql "$db" "$db" "CREATE TABLE balances (id int PRIMARY KEY, balance bigint NOT NULL CHECK (balance >= 0));
+for db in "${DBS[@]}"; do
+    pg_start "$db"
+    pg_sql "$db" "$db" "CREATE TABLE balances (id int PRIMARY KEY, balance bigint NOT NULL CHECK (balance >= 0));
         INSERT INTO balances SELECT g, 1000 FROM generate_series(1, $ACCOUNTS) g"
-    log "PostgreSQL for $db on 127.0.0.1:$port ($dir)"
-}
-for db in "${DBS[@]}"; do start_pg "$db"; done
+done
 before_a=$(balance accounts_a) before_b=$(balance accounts_b)
 
 cluster wipe
-for db in "${DBS[@]}"; do
-    printf '[[participants]]\nname = "%s"\nkind = "postgres"\nurl = "%s"\npool_size = 16\n\n' \
-        "$db" "postgres://postgres@127.0.0.1:${PORT[$db]}/$db"
-done >"$PGDIR/participants.toml"
+pg_participants "$PGDIR/participants.toml"
 cluster up --participants "$PGDIR/participants.toml"
 
 leader_id() {

@@ -229,6 +229,15 @@ impl Default for CoordinatorConfig {
     }
 }
 
+/// The `[[participants]]` of a TOML file.
+pub fn load_participants_file(path: &Path) -> Result<Vec<ParticipantConfig>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::InvalidInput(format!("cannot read participants file {}: {e}", path.display())))?;
+    let file: ParticipantsFile =
+        toml::from_str(&text).map_err(|e| Error::InvalidInput(format!("participants file {}: {e}", path.display())))?;
+    Ok(file.participants)
+}
+
 fn default_cluster_id() -> String {
     "tandem".to_string()
 }
@@ -248,11 +257,7 @@ impl NodeConfig {
 
     /// Adds the participants listed in `path` (a `[[participants]]` file).
     pub fn add_participants_file(&mut self, path: &Path) -> Result<()> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::InvalidInput(format!("cannot read participants file {}: {e}", path.display())))?;
-        let file: ParticipantsFile = toml::from_str(&text)
-            .map_err(|e| Error::InvalidInput(format!("participants file {}: {e}", path.display())))?;
-        self.participants.extend(file.participants);
+        self.participants.extend(load_participants_file(path)?);
         Ok(())
     }
 

@@ -21,6 +21,7 @@
 //! | [`coordinator`] | the 2PC driver on the leader: one-shot and interactive transactions, their status, recovery, COMPLETE batching, counters |
 //! | [`server`] | the node process: gRPC services, forwarding to the leader, upkeep |
 //! | [`client`] | the Rust client: any node, follows the leader, safe retries |
+//! | [`workload`] | the bank workload and the checker of its invariants (`tandem workload`, `scripts/chaos.sh`) |
 //! | [`config`] | node configuration (TOML, flags, environment) |
 //! | [`error`] | the one error type and its gRPC status mapping |
 //! | [`failpoint`] | named points where tests stop a node dead (compiled in with the `failpoints` feature) |
@@ -86,3 +87,4 @@ pub mod proto;
 pub mod raft;
 pub mod server;
 pub mod txn;
+pub mod workload;

@@ -39,6 +39,66 @@ enum Command {
     /// Transactions across participants.
     #[command(subcommand)]
     Txn(TxnCommand),
+    /// Workloads and the checker of their invariants (scripts/chaos.sh).
+    #[command(subcommand)]
+    Workload(WorkloadCommand),
+}
+
+#[derive(Args, Clone)]
+struct BankArgs {
+    /// The `[[participants]]` file the cluster runs with (two or more).
+    #[arg(long)]
+    participants: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    accounts: i64,
+    #[arg(long, default_value_t = 1000)]
+    opening: i64,
+    /// Directory for outcomes.jsonl.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum WorkloadCommand {
+    /// Concurrent transfers between accounts in different participants;
+    /// every outcome goes to OUT/outcomes.jsonl.
+    Bank {
+        #[command(flatten)]
+        nodes: Nodes,
+        #[command(flatten)]
+        bank: BankArgs,
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        #[arg(long, default_value_t = 60)]
+        duration_s: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Each transfer's deadline.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u32,
+        /// Recreate the tables first (drops balances and markers).
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Check the invariants after a bank run; prints a report, writes it as
+    /// JSON to --report and exits non-zero on any violation.
+    Check {
+        #[command(flatten)]
+        nodes: Nodes,
+        #[command(flatten)]
+        bank: BankArgs,
+        /// Fault events (`<unix ms> <event>` per line).
+        #[arg(long)]
+        events: Option<PathBuf>,
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// The cluster id (gids start with tdm_<cluster_id>_).
+        #[arg(long, default_value = "local")]
+        cluster_id: String,
+        /// Longest wait for in-doubt branches and for the nodes to converge.
+        #[arg(long, default_value_t = 120)]
+        settle_s: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -261,6 +321,57 @@ async fn run(cli: Cli, order: Vec<(&'static str, usize)>) -> Result<()> {
         Command::Cluster(c) => cluster(c).await,
         Command::Log(c) => log(c).await,
         Command::Txn(c) => txn(c, order).await,
+        Command::Workload(c) => workload(c).await,
+    }
+}
+
+async fn workload(c: WorkloadCommand) -> Result<()> {
+    use tandem::workload::bank;
+    use tandem::workload::check;
+    match c {
+        WorkloadCommand::Bank { nodes, bank: b, workers, duration_s, seed, timeout_ms, reset } => {
+            let participants = tandem::config::load_participants_file(&b.participants)?;
+            if reset {
+                bank::setup(&participants, b.accounts, b.opening).await?;
+            }
+            let (committed, aborted, unknown) = bank::run(bank::BankConfig {
+                nodes: nodes.nodes,
+                participants,
+                accounts: b.accounts,
+                opening: b.opening,
+                workers,
+                duration: Duration::from_secs(duration_s),
+                seed,
+                out: b.out,
+                timeout_ms,
+            })
+            .await?;
+            println!("bank: {committed} committed, {aborted} aborted, {unknown} unknown");
+            Ok(())
+        }
+        WorkloadCommand::Check { nodes, bank: b, events, report, cluster_id, settle_s } => {
+            let participants = tandem::config::load_participants_file(&b.participants)?;
+            let r = check::check(&check::CheckConfig {
+                nodes: nodes.nodes,
+                participants,
+                accounts: b.accounts,
+                opening: b.opening,
+                out: b.out,
+                events,
+                gid_prefix: tandem::txn::gid::Gid::cluster_prefix(&cluster_id),
+                settle: Duration::from_secs(settle_s),
+            })
+            .await?;
+            print!("{}", r.summary());
+            if let Some(path) = report {
+                std::fs::write(&path, serde_json::to_string_pretty(&r).map_err(Error::internal)?)?;
+            }
+            if r.violations.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::FailedPrecondition(format!("{} invariant violations", r.violations.len())))
+            }
+        }
     }
 }
 

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The chaos run: the bank workload (`tandem workload bank`) through a local
+# three-node cluster with two throwaway PostgreSQL participants, while faults
+# hit it on a schedule; then, once they have healed, the checker
+# (`tandem workload check`) proves the invariants: atomicity, conservation,
+# no lost acknowledgement, identical decisions on every node, no orphan
+# prepared branch; and reports liveness figures. Exits non-zero on any
+# violation.
+#
+#   scripts/chaos.sh --duration SECONDS [--seed N] [--report FILE]
+#                    [--kill-every S] [--pause-every S] [--participant-restart-every S]
+#                    [--kill-all-every S] [--workers N]
+#
+# Faults (0 turns one off): kill -9 the leader and restart it (default every
+# 30 s); SIGSTOP the leader for 3 s, longer than the election timeout, then
+# SIGCONT (every 60 s); restart a participant with pg_ctl -m immediate
+# (every 300 s); kill all three nodes and restart them (off). No fault starts
+# in the last 15 s, so the run ends healed. The seed fixes the workload and
+# the choice of faults. The report (JSON) goes to FILE (default
+# .tandem/chaos/report.json); fault events and outcomes stay in .tandem/chaos.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$REPO_ROOT"
+
+DURATION=60 SEED=1 REPORT="" KILL_EVERY=30 PAUSE_EVERY=60 PG_EVERY=300 KILL_ALL_EVERY=0 WORKERS=8
+while (($#)); do
+    case "$1" in
+        --duration) DURATION=$2 ;;
+        --seed) SEED=$2 ;;
+        --report) REPORT=$2 ;;
+        --kill-every) KILL_EVERY=$2 ;;
+        --pause-every) PAUSE_EVERY=$2 ;;
+        --participant-restart-every) PG_EVERY=$2 ;;
+        --kill-all-every) KILL_ALL_EVERY=$2 ;;
+        --workers) WORKERS=$2 ;;
+        *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    esac
+    shift 2
+done
+
+export TANDEM_HOME="${TANDEM_HOME:-$REPO_ROOT/.tandem/chaos}"
+export TANDEM_NODES="127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+REPORT=${REPORT:-$TANDEM_HOME/report.json}
+OUT="$TANDEM_HOME/workload" EVENTS="$TANDEM_HOME/events.txt"
+cluster() { "$REPO_ROOT/scripts/cluster.sh" "$@"; }
+now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
+event() { echo "$(now_ms) $*" >>"$EVENTS"; log "fault: $*"; }
+
+build_tandem
+source "$REPO_ROOT/scripts/pg.sh"
+pg_init
+workload_pid=""
+finish() {
+    [ -z "$workload_pid" ] || kill "$workload_pid" 2>/dev/null || true
+    for n in 1 2 3; do
+        f="$TANDEM_HOME/run/node$n.pid"
+        [ -f "$f" ] && kill -CONT "$(cat "$f")" 2>/dev/null || true
+    done
+    cluster down >/dev/null 2>&1 || true
+    pg_stop_all
+}
+trap finish EXIT
+
+pg_start accounts_a
+pg_start accounts_b
+cluster wipe
+mkdir -p "$TANDEM_HOME"
+rm -rf "$OUT" "$EVENTS"
+pg_participants "$TANDEM_HOME/participants.toml"
+cluster up --participants "$TANDEM_HOME/participants.toml"
+
+leader_id() {
+    "$TANDEM_BIN" cluster status --wait-leader 30 --json 2>/dev/null | grep '"role":"leader"' |
+        sed 's/^{"id":\([0-9]*\),.*/\1/' | head -n1
+}
+node_pid() { cat "$TANDEM_HOME/run/node$1.pid"; }
+
+log "bank workload for ${DURATION}s (seed $SEED, $WORKERS workers)"
+"$TANDEM_BIN" workload bank --participants "$TANDEM_HOME/participants.toml" --out "$OUT" --reset \
+    --duration-s "$DURATION" --seed "$SEED" --workers "$WORKERS" &
+workload_pid=$!
+
+RANDOM=$SEED
+start=$(now_ms)
+due() { (($1 > 0 && t > 0 && t % $1 == 0)); }
+while kill -0 "$workload_pid" 2>/dev/null; do
+    sleep 1
+    t=$((($(now_ms) - start) / 1000))
+    ((t < DURATION - 15)) || continue
+    if due "$KILL_ALL_EVERY"; then
+        event kill-all
+        for n in 1 2 3; do cluster kill "$n" >/dev/null; done
+        sleep 2
+        for n in 1 2 3; do cluster restart "$n" >/dev/null; done
+        event heal-kill-all
+    elif due "$KILL_EVERY"; then
+        leader=$(leader_id)
+        [ -n "$leader" ] || continue
+        event kill-leader "$leader"
+        cluster kill "$leader" >/dev/null
+        sleep 3
+        cluster restart "$leader" >/dev/null
+        event heal-kill-leader "$leader"
+    elif due "$PAUSE_EVERY"; then
+        leader=$(leader_id)
+        [ -n "$leader" ] || continue
+        event pause-leader "$leader"
+        kill -STOP "$(node_pid "$leader")"
+        sleep 3
+        kill -CONT "$(node_pid "$leader")"
+        event heal-pause-leader "$leader"
+    elif due "$PG_EVERY"; then
+        db=$( ((RANDOM % 2)) && echo accounts_a || echo accounts_b)
+        event restart-participant "$db"
+        pg_restart "$db"
+        event heal-restart-participant "$db"
+    fi
+done
+wait "$workload_pid"
+workload_pid=""
+
+log "checking the invariants"
+rc=0
+"$TANDEM_BIN" workload check --participants "$TANDEM_HOME/participants.toml" --out "$OUT" \
+    --events "$EVENTS" --report "$REPORT" --cluster-id local || rc=$?
+log "report: $REPORT"
+exit "$rc"

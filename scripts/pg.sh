@@ -1,0 +1,66 @@
+# Throwaway PostgreSQL servers for the demo and the chaos run. Source it
+# after lib.sh; it changes nothing until a function is called.
+#
+#   pg_init              find the binaries, make $PGDIR (a temp dir)
+#   pg_start NAME        a server on a free port with a database NAME;
+#                        its port goes to PORT[NAME]
+#   pg_sql NAME DB SQL   run SQL, print rows unaligned
+#   pg_restart NAME      pg_ctl restart -m immediate (a crash, as PostgreSQL sees it)
+#   pg_stop_all          stop every server started here, delete $PGDIR
+#   pg_participants F    write a [[participants]] file for every server
+
+declare -A PORT
+PG_BIN="" PGDIR="" as_pg=()
+
+pg_init() {
+    PG_BIN=$(pg_config --bindir 2>/dev/null || true)
+    [ -x "$PG_BIN/initdb" ] || PG_BIN=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n1)
+    # PostgreSQL refuses to run as root: then its servers run as `postgres`.
+    as_pg=()
+    [ "$(id -u)" -ne 0 ] || as_pg=(runuser -u postgres --)
+    PGDIR=$(mktemp -d "${TMPDIR:-/tmp}/tandem-pg.XXXXXX")
+    [ "$(id -u)" -ne 0 ] || chown postgres:postgres "$PGDIR"
+}
+
+pg_free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 40000))
+        (: </dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo "$p"; return; }
+    done
+}
+
+pg_sql() { "$PG_BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${PORT[$1]}" -U postgres -d "$2" -c "$3"; }
+
+pg_ctl_of() { (cd / && "${as_pg[@]}" "$PG_BIN/pg_ctl" -D "$PGDIR/$1/data" "${@:2}"); }
+
+pg_start() {
+    local name=$1 dir="$PGDIR/$1" port
+    port=$(pg_free_port)
+    (cd / && "${as_pg[@]}" mkdir "$dir" &&
+        "${as_pg[@]}" "$PG_BIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-sync >/dev/null)
+    pg_ctl_of "$name" -l "$dir/server.log" -w -t 60 -o \
+        "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_prepared_transactions=64" \
+        start >/dev/null
+    PORT[$name]=$port
+    pg_sql "$name" postgres "CREATE DATABASE $name"
+    log "PostgreSQL for $name on 127.0.0.1:$port ($dir)"
+}
+
+pg_restart() { pg_ctl_of "$1" -l "$PGDIR/$1/server.log" -m immediate -w -t 60 restart >/dev/null; }
+
+pg_stop_all() {
+    local name
+    for name in "${!PORT[@]}"; do
+        pg_ctl_of "$name" -m fast -w stop >/dev/null 2>&1 || true
+    done
+    [ -z "$PGDIR" ] || rm -rf "$PGDIR"
+}
+
+pg_participants() {
+    local name
+    for name in "${!PORT[@]}"; do
+        printf '[[participants]]\nname = "%s"\nkind = "postgres"\nurl = "%s"\npool_size = 16\n\n' \
+            "$name" "postgres://postgres@127.0.0.1:${PORT[$name]}/$name"
+    done >"$1"
+}

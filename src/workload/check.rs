@@ -1,0 +1,317 @@
+//! The checker: run after the faults heal, it proves from the databases,
+//! the recorded outcomes and every node's decision log that
+//!
+//! - **no orphans**: no prepared branch with the cluster's gid prefix is
+//!   left (waiting, up to a bound, for recovery to settle what is in doubt;
+//!   the wait is the in-doubt resolution time);
+//! - **atomicity**: each transfer's marker is in all its branches or in
+//!   none;
+//! - **conservation**: the total balance is what the bank opened with;
+//! - **no lost acknowledgement**: every transfer answered COMMITTED has its
+//!   markers in both databases, every one answered ABORTED in neither;
+//! - **decisions agree**: every node's decision records are identical, once
+//!   they have applied the same log.
+//!
+//! It also reports throughput before, during and after the faults, and how
+//! long throughput took to recover after each leader kill, from the events
+//! file that `scripts/chaos.sh` writes (`<unix ms> <event> …` per line;
+//! events whose name starts with `heal` end a fault).
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::time::Duration;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::OUTCOMES_FILE;
+use super::Outcome;
+use super::bank::connect;
+use crate::client::Client;
+use crate::config::ParticipantConfig;
+use crate::error::Error;
+use crate::error::Result;
+
+pub struct CheckConfig {
+    pub nodes: Vec<String>,
+    pub participants: Vec<ParticipantConfig>,
+    pub accounts: i64,
+    pub opening: i64,
+    /// The workload's output directory (`outcomes.jsonl`).
+    pub out: PathBuf,
+    /// Fault events, if any.
+    pub events: Option<PathBuf>,
+    /// The gid prefix of this cluster's branches (`tdm_<cluster_id>_`).
+    pub gid_prefix: String,
+    /// How long to wait for in-doubt branches to be settled, and for the
+    /// nodes to converge.
+    pub settle: Duration,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Throughput {
+    /// Committed transfers per second.
+    pub before_faults: f64,
+    pub during_faults: f64,
+    pub after_faults: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    /// Empty when every invariant holds.
+    pub violations: Vec<String>,
+    pub committed: u64,
+    pub aborted: u64,
+    pub unknown: u64,
+    /// Of the unknown ones, how they really ended (by their markers).
+    pub unknown_landed: u64,
+    pub unknown_not_landed: u64,
+    /// From the check's start until no prepared branch was left.
+    pub in_doubt_resolution_ms: Option<u64>,
+    pub throughput: Throughput,
+    /// Per leader kill: ms until the commit rate was back to half the
+    /// rate before the faults (`null` if it never was).
+    pub recovery_after_leader_kill_ms: Vec<Option<u64>>,
+    pub faults: BTreeMap<String, u64>,
+    pub decision_records: u64,
+}
+
+/// Reads the outcomes a workload wrote.
+pub fn read_outcomes(out: &std::path::Path) -> Result<Vec<Outcome>> {
+    let file = std::fs::File::open(out.join(OUTCOMES_FILE))?;
+    let mut list = Vec::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line?;
+        if !line.trim().is_empty() {
+            list.push(serde_json::from_str(&line)?);
+        }
+    }
+    Ok(list)
+}
+
+async fn prepared_left(participants: &[ParticipantConfig], prefix: &str) -> Result<Vec<String>> {
+    let mut left = Vec::new();
+    for p in participants {
+        let c = connect(p).await?;
+        let rows = c
+            .query("SELECT gid FROM pg_prepared_xacts WHERE starts_with(gid, $1)", &[&prefix])
+            .await
+            .map_err(|e| crate::participant::postgres::pg_error(&p.name, e))?;
+        left.extend(rows.iter().map(|r| format!("{}:{}", p.name, r.get::<_, String>(0))));
+    }
+    Ok(left)
+}
+
+/// Waits until every node answers and has applied the same log index, then
+/// compares their decision records.
+async fn decisions_agree(nodes: &[String], settle: Duration, violations: &mut Vec<String>) -> Result<u64> {
+    let deadline = Instant::now() + settle;
+    loop {
+        let mut applied = BTreeSet::new();
+        let mut answered = 0;
+        for addr in nodes {
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(3), Client::pinned(addr)?.status()).await {
+                answered += 1;
+                applied.insert(s.applied_index);
+            }
+        }
+        if answered == nodes.len() && applied.len() == 1 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            violations.push(format!(
+                "decisions agree: nodes did not converge in {settle:?} ({answered} of {} answered, applied {applied:?})",
+                nodes.len()
+            ));
+            return Ok(0);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut first: Option<(String, Vec<crate::txn::TxnRecord>)> = None;
+    for addr in nodes {
+        let records = Client::pinned(addr)?.list_all_records(None, true).await?;
+        match &first {
+            None => first = Some((addr.clone(), records)),
+            Some((a, r)) if *r != records => {
+                let theirs: BTreeSet<_> = r.iter().map(|x| format!("{x:?}")).collect();
+                let ours: BTreeSet<_> = records.iter().map(|x| format!("{x:?}")).collect();
+                let diff: Vec<_> = theirs.symmetric_difference(&ours).take(3).collect();
+                violations.push(format!("decisions agree: {a} and {addr} hold different records, e.g. {diff:?}"));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(first.map_or(0, |(_, r)| r.len() as u64))
+}
+
+/// Commits per second over `[from, to)` (Unix ms), by end time.
+fn rate(commits: &[u64], from: u64, to: u64) -> f64 {
+    if to <= from {
+        return 0.0;
+    }
+    let n = commits.iter().filter(|t| **t >= from && **t < to).count();
+    n as f64 * 1000.0 / (to - from) as f64
+}
+
+/// Runs every check; the report's `violations` is empty when all hold.
+pub async fn check(cfg: &CheckConfig) -> Result<Report> {
+    let mut report = Report::default();
+    let outcomes = read_outcomes(&cfg.out)?;
+
+    // No orphans, and how long in-doubt branches took to be settled.
+    let start = Instant::now();
+    let deadline = start + cfg.settle;
+    loop {
+        let left = prepared_left(&cfg.participants, &cfg.gid_prefix).await?;
+        if left.is_empty() {
+            report.in_doubt_resolution_ms = Some(start.elapsed().as_millis() as u64);
+            break;
+        }
+        if Instant::now() >= deadline {
+            report.violations.push(format!(
+                "no orphans: {} prepared branches left after {:?}: {left:?}",
+                left.len(),
+                cfg.settle
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    report.decision_records = decisions_agree(&cfg.nodes, cfg.settle, &mut report.violations).await?;
+
+    // Markers and balances.
+    let mut markers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut total = 0i64;
+    for p in &cfg.participants {
+        let c = connect(p).await?;
+        let pg = |e| crate::participant::postgres::pg_error(&p.name, e);
+        let rows = c.query("SELECT op FROM tandem_markers", &[]).await.map_err(pg)?;
+        markers.insert(p.name.clone(), rows.iter().map(|r| r.get(0)).collect());
+        let row = c.query_one("SELECT coalesce(sum(balance), 0)::bigint FROM balances", &[]).await.map_err(pg)?;
+        total += row.get::<_, i64>(0);
+    }
+    let expected = cfg.accounts * cfg.opening * cfg.participants.len() as i64;
+    if total != expected {
+        report.violations.push(format!("conservation: the total balance is {total}, not {expected}"));
+    }
+    let has = |p: &str, op: &str| markers.get(p).is_some_and(|m| m.contains(op));
+    for o in &outcomes {
+        let (from, to) = (has(&o.from, &o.op), has(&o.to, &o.op));
+        if from != to {
+            report.violations.push(format!(
+                "atomicity: transfer {} (txid {}) landed on {} only",
+                o.op,
+                o.txid,
+                if from { &o.from } else { &o.to }
+            ));
+        }
+        match o.outcome.as_str() {
+            "committed" => {
+                report.committed += 1;
+                if !(from && to) {
+                    report
+                        .violations
+                        .push(format!("lost acknowledgement: {} was answered COMMITTED but is missing", o.op));
+                }
+            }
+            "aborted" => {
+                report.aborted += 1;
+                if from || to {
+                    report.violations.push(format!("lost acknowledgement: {} was answered ABORTED but landed", o.op));
+                }
+            }
+            _ => {
+                report.unknown += 1;
+                if from && to {
+                    report.unknown_landed += 1;
+                } else {
+                    report.unknown_not_landed += 1;
+                }
+            }
+        }
+    }
+
+    // Liveness figures from the fault events.
+    let commits: Vec<u64> = outcomes.iter().filter(|o| o.outcome == "committed").map(|o| o.end_unix_ms).collect();
+    let first = outcomes.iter().map(|o| o.start_unix_ms).min().unwrap_or(0);
+    let last = outcomes.iter().map(|o| o.end_unix_ms).max().unwrap_or(0);
+    let events = match &cfg.events {
+        Some(path) if path.exists() => read_events(path)?,
+        _ => Vec::new(),
+    };
+    for (_, name) in &events {
+        *report.faults.entry(name.clone()).or_default() += 1;
+    }
+    let faults: Vec<u64> = events.iter().filter(|(_, n)| !n.starts_with("heal")).map(|(t, _)| *t).collect();
+    let fault_start = faults.first().copied().unwrap_or(last);
+    let fault_end = events.iter().map(|(t, _)| *t).max().unwrap_or(last).max(fault_start);
+    report.throughput = Throughput {
+        before_faults: rate(&commits, first, fault_start),
+        during_faults: rate(&commits, fault_start, fault_end),
+        after_faults: rate(&commits, fault_end, last),
+    };
+    let normal = report.throughput.before_faults;
+    for (kill, _) in events.iter().filter(|(_, n)| n == "kill-leader") {
+        // The first one-second window after the kill at half the normal rate.
+        let mut recovered = None;
+        let mut t = *kill;
+        while t + 1000 <= last {
+            if normal > 0.0 && rate(&commits, t, t + 1000) >= normal / 2.0 {
+                recovered = Some(t - kill);
+                break;
+            }
+            t += 100;
+        }
+        report.recovery_after_leader_kill_ms.push(recovered);
+    }
+    Ok(report)
+}
+
+fn read_events(path: &std::path::Path) -> Result<Vec<(u64, String)>> {
+    let mut events = Vec::new();
+    for line in std::fs::read_to_string(path)?.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(t), Some(name)) = (words.next(), words.next()) else { continue };
+        let t = t.parse().map_err(|_| Error::InvalidInput(format!("bad event line {line:?}")))?;
+        events.push((t, name.to_string()));
+    }
+    events.sort();
+    Ok(events)
+}
+
+impl Report {
+    /// A few lines for people.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "transfers: {} committed, {} aborted, {} unknown ({} of them landed, {} did not)\n",
+            self.committed, self.aborted, self.unknown, self.unknown_landed, self.unknown_not_landed
+        );
+        s += &format!(
+            "in-doubt resolution after the faults: {}\n",
+            self.in_doubt_resolution_ms.map_or("never".to_string(), |ms| format!("{ms} ms"))
+        );
+        s += &format!(
+            "throughput (commits/s): {:.1} before faults, {:.1} during, {:.1} after\n",
+            self.throughput.before_faults, self.throughput.during_faults, self.throughput.after_faults
+        );
+        if !self.recovery_after_leader_kill_ms.is_empty() {
+            s += &format!(
+                "throughput back to half after each leader kill (ms): {:?}\n",
+                self.recovery_after_leader_kill_ms
+            );
+        }
+        s += &format!("faults: {:?}; decision records on every node: {}\n", self.faults, self.decision_records);
+        if self.violations.is_empty() {
+            s += "violations: none\n";
+        } else {
+            s += &format!("VIOLATIONS ({}):\n", self.violations.len());
+            for v in &self.violations {
+                s += &format!("  {v}\n");
+            }
+        }
+        s
+    }
+}
