@@ -692,8 +692,17 @@ impl Driver {
                                 answer.send(Err(e)).ok();
                                 return;
                             }
-                            Metrics::add(&self.coordinator.metrics.aborted, 1);
-                            TransactOutcome::aborted(self.txid.clone(), reason)
+                            // An earlier attempt of this request (same key) may
+                            // have been in doubt when this one began, and have
+                            // committed since (its prepared rows can be what made
+                            // this one fail): then that commit is the answer.
+                            match self.coordinator.key_owner(&self.live.idempotency_key).await {
+                                Ok(Some(owner)) if owner != self.txid => TransactOutcome::duplicate_of(owner),
+                                _ => {
+                                    Metrics::add(&self.coordinator.metrics.aborted, 1);
+                                    TransactOutcome::aborted(self.txid.clone(), reason)
+                                }
+                            }
                         }
                     };
                     answer.send(Ok(outcome)).ok();

@@ -220,7 +220,10 @@ pub async fn check(cfg: &CheckConfig) -> Result<Report> {
             "aborted" => {
                 report.aborted += 1;
                 if from || to {
-                    report.violations.push(format!("lost acknowledgement: {} was answered ABORTED but landed", o.op));
+                    report.violations.push(format!(
+                        "lost acknowledgement: {} was answered ABORTED (txid {}: {}) but landed",
+                        o.op, o.txid, o.reason
+                    ));
                 }
             }
             _ => {
