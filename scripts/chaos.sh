@@ -18,6 +18,7 @@
 # in the last 15 s, so the run ends healed. The seed fixes the workload and
 # the choice of faults. The report (JSON) goes to FILE (default
 # .tandem/chaos/report.json); fault events and outcomes stay in .tandem/chaos.
+# The nodes listen on three free ports chosen at start (or TANDEM_PORT_BASE+1..3).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
@@ -39,7 +40,17 @@ while (($#)); do
 done
 
 export TANDEM_HOME="${TANDEM_HOME:-$REPO_ROOT/.tandem/chaos}"
-export TANDEM_NODES="127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+# Ports chosen now (three free in a row), unless TANDEM_PORT_BASE is set.
+port_free() { ! (: </dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
+if [ -z "${TANDEM_PORT_BASE:-}" ]; then
+    while :; do
+        TANDEM_PORT_BASE=$((20000 + RANDOM % 40000))
+        port_free $((TANDEM_PORT_BASE + 1)) && port_free $((TANDEM_PORT_BASE + 2)) &&
+            port_free $((TANDEM_PORT_BASE + 3)) && break
+    done
+fi
+export TANDEM_PORT_BASE
+export TANDEM_NODES="127.0.0.1:$((TANDEM_PORT_BASE + 1)),127.0.0.1:$((TANDEM_PORT_BASE + 2)),127.0.0.1:$((TANDEM_PORT_BASE + 3))"
 REPORT=${REPORT:-$TANDEM_HOME/report.json}
 OUT="$TANDEM_HOME/workload" EVENTS="$TANDEM_HOME/events.txt"
 cluster() { "$REPO_ROOT/scripts/cluster.sh" "$@"; }

@@ -11,20 +11,23 @@
 #   scripts/cluster.sh wipe        stop every node and delete all data and logs
 #
 # State (data, logs, pids) lives under $TANDEM_HOME, by default .tandem/ in
-# the repository. Node N listens on 127.0.0.1:700N (cluster/nodeN.toml).
+# the repository. Node N listens on 127.0.0.1:700N (cluster/nodeN.toml), or
+# on TANDEM_PORT_BASE + N when that is set.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 TANDEM_HOME="${TANDEM_HOME:-$REPO_ROOT/.tandem}"
 NODES=(1 2 3)
-ADDRS="127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
-MEMBERS="1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003"
+# Node N listens on 127.0.0.1:(TANDEM_PORT_BASE + N), 7001-7003 by default.
+PORT_BASE="${TANDEM_PORT_BASE:-7000}"
+ADDRS="127.0.0.1:$((PORT_BASE + 1)),127.0.0.1:$((PORT_BASE + 2)),127.0.0.1:$((PORT_BASE + 3))"
+MEMBERS="1=127.0.0.1:$((PORT_BASE + 1)),2=127.0.0.1:$((PORT_BASE + 2)),3=127.0.0.1:$((PORT_BASE + 3))"
 export TANDEM_NODES="$ADDRS"
 
 pid_file() { echo "$TANDEM_HOME/run/node$1.pid"; }
 log_file() { echo "$TANDEM_HOME/logs/node$1.log"; }
 data_dir() { echo "$TANDEM_HOME/data/node$1"; }
-addr() { echo "127.0.0.1:700$1"; }
+addr() { echo "127.0.0.1:$((PORT_BASE + $1))"; }
 
 # True if node N's pid file names a live `tandem serve` (a stale pid may
 # belong to another process by now).
@@ -53,6 +56,7 @@ start_node() {
     fi
     RUST_LOG="${RUST_LOG:-info,openraft=warn}" nohup "$TANDEM_BIN" serve \
         --config "$REPO_ROOT/cluster/node$n.toml" --data-dir "$(data_dir "$n")" "${extra[@]}" \
+        --listen "$(addr "$n")" --advertise "$(addr "$n")" \
         >>"$(log_file "$n")" 2>&1 &
     echo $! >"$(pid_file "$n")"
     log "node $n started (pid $!)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds, checks and runs every test.
 #
-# The build has the fail points compiled in (src/failpoint.rs).
+# The build has the fail points compiled in (src/failpoint.rs). The tests
+# end with a short chaos run (scripts/chaos.sh, a fixed seed).
 # Integration tests start their own nodes on ports chosen at run time and
 # run one at a time (the machine has few cores; Raft timing needs slack).
 set -euo pipefail
@@ -13,3 +14,6 @@ cargo build --all-targets --features failpoints --quiet
 "$REPO_ROOT/scripts/check.sh"
 log "running tests"
 cargo test --features failpoints --quiet -- --test-threads=1
+log "a short chaos run (fixed seed): faults under the bank workload, then the checker"
+"$REPO_ROOT/scripts/chaos.sh" --duration 75 --seed 42 --kill-every 20 --pause-every 35 \
+    --participant-restart-every 50 --report "$REPO_ROOT/.tandem/chaos/report.json"

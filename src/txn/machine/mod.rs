@@ -355,12 +355,17 @@ impl Txn {
             {
                 actions.push(self.phase2_action(branch));
             }
-            // Rolling back a branch never confirmed prepared: no gid means it
-            // was rolled back (or never prepared), and no xid can tell more.
-            (Phase::Aborting, Event::GidMissing { branch })
+            // No xid to ask by (a branch never confirmed prepared, or a
+            // participant without one): a vanished gid is taken as having
+            // ended the way phase 2 drives it, most likely by an earlier call
+            // whose answer was lost. Recovery takes it the same way. (A hand
+            // that ended it the other way goes unseen: only an xid tells.)
+            (Phase::Committing | Phase::Aborting, Event::GidMissing { branch })
                 if self.in_phase2(branch) && self.branches[branch].xid().is_none() =>
             {
-                self.branches[branch] = BranchState::RolledBack;
+                self.branches[branch] =
+                    if self.phase == Phase::Committing { BranchState::Committed } else { BranchState::RolledBack };
+                self.answer_if_first_round_done(&mut actions);
                 self.finish_if_settled(&mut actions);
             }
             (Phase::Committing | Phase::Aborting, Event::GidMissing { branch }) if self.in_phase2(branch) => {
