@@ -56,6 +56,27 @@ OUT="$TANDEM_HOME/workload" EVENTS="$TANDEM_HOME/events.txt"
 cluster() { "$REPO_ROOT/scripts/cluster.sh" "$@"; }
 now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
 event() { echo "$(now_ms) $*" >>"$EVENTS"; log "fault: $*"; }
+in_doubt() {
+    local db
+    for db in accounts_a accounts_b; do
+        pg_sql "$db" postgres "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'tdm\_%'" 2>/dev/null || true
+    done | sort
+}
+# After a fault heals: how long until every branch that was prepared then is
+# settled (committed or rolled back), as an event for the checker.
+resolved() {
+    local t0 gids left n
+    t0=$(now_ms)
+    gids=$(in_doubt)
+    for _ in $(seq 1 600); do
+        left=$(comm -12 <(echo "$gids") <(in_doubt) | grep -c . || true)
+        ((left == 0)) && break
+        sleep 0.1
+    done
+    n=$(echo "$gids" | grep -c . || true)
+    # Only a fault that left something in doubt has a resolution time.
+    ((n == 0)) || echo "$(now_ms) in-doubt-resolved $(($(now_ms) - t0)) $n" >>"$EVENTS"
+}
 
 build_tandem
 source "$REPO_ROOT/scripts/pg.sh"
@@ -104,6 +125,7 @@ while kill -0 "$workload_pid" 2>/dev/null; do
         sleep 2
         for n in 1 2 3; do cluster restart "$n" >/dev/null; done
         event heal-kill-all
+        resolved
     elif due "$KILL_EVERY"; then
         leader=$(leader_id)
         [ -n "$leader" ] || continue
@@ -112,6 +134,7 @@ while kill -0 "$workload_pid" 2>/dev/null; do
         sleep 3
         cluster restart "$leader" >/dev/null
         event heal-kill-leader "$leader"
+        resolved
     elif due "$PAUSE_EVERY"; then
         leader=$(leader_id)
         [ -n "$leader" ] || continue
@@ -120,11 +143,13 @@ while kill -0 "$workload_pid" 2>/dev/null; do
         sleep 3
         kill -CONT "$(node_pid "$leader")"
         event heal-pause-leader "$leader"
+        resolved
     elif due "$PG_EVERY"; then
         db=$( ((RANDOM % 2)) && echo accounts_a || echo accounts_b)
         event restart-participant "$db"
         pg_restart "$db"
         event heal-restart-participant "$db"
+        resolved
     fi
 done
 wait "$workload_pid"

@@ -59,6 +59,22 @@ pub struct Throughput {
 }
 
 #[derive(Debug, Default, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50: Option<u64>,
+    pub p99: Option<u64>,
+    pub max: Option<u64>,
+}
+
+impl Percentiles {
+    fn of(mut values: Vec<u64>) -> Self {
+        values.sort_unstable();
+        let at = |q: f64| values.get(((values.len() as f64 * q).ceil() as usize).saturating_sub(1)).copied();
+        Self { count: values.len(), p50: at(0.5), p99: at(0.99), max: values.last().copied() }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
 pub struct Report {
     /// Empty when every invariant holds.
     pub violations: Vec<String>,
@@ -74,6 +90,9 @@ pub struct Report {
     /// Per leader kill: ms until the commit rate was back to half the
     /// rate before the faults (`null` if it never was).
     pub recovery_after_leader_kill_ms: Vec<Option<u64>>,
+    /// After each fault healed: ms until every branch prepared at that
+    /// moment was settled (from `in-doubt-resolved` events).
+    pub in_doubt_after_fault_ms: Percentiles,
     pub faults: BTreeMap<String, u64>,
     pub decision_records: u64,
 }
@@ -245,19 +264,23 @@ pub async fn check(cfg: &CheckConfig) -> Result<Report> {
         Some(path) if path.exists() => read_events(path)?,
         _ => Vec::new(),
     };
-    for (_, name) in &events {
+    let is_fault = |n: &str| !n.starts_with("heal") && n != "in-doubt-resolved";
+    for (_, name, _) in events.iter().filter(|(_, n, _)| is_fault(n)) {
         *report.faults.entry(name.clone()).or_default() += 1;
     }
-    let faults: Vec<u64> = events.iter().filter(|(_, n)| !n.starts_with("heal")).map(|(t, _)| *t).collect();
+    report.in_doubt_after_fault_ms = Percentiles::of(
+        events.iter().filter(|(_, n, _)| n == "in-doubt-resolved").filter_map(|(_, _, ms)| ms.parse().ok()).collect(),
+    );
+    let faults: Vec<u64> = events.iter().filter(|(_, n, _)| is_fault(n)).map(|(t, _, _)| *t).collect();
     let fault_start = faults.first().copied().unwrap_or(last);
-    let fault_end = events.iter().map(|(t, _)| *t).max().unwrap_or(last).max(fault_start);
+    let fault_end = events.iter().map(|(t, _, _)| *t).max().unwrap_or(last).max(fault_start);
     report.throughput = Throughput {
         before_faults: rate(&commits, first, fault_start),
         during_faults: rate(&commits, fault_start, fault_end),
         after_faults: rate(&commits, fault_end, last),
     };
     let normal = report.throughput.before_faults;
-    for (kill, _) in events.iter().filter(|(_, n)| n == "kill-leader") {
+    for (kill, _, _) in events.iter().filter(|(_, n, _)| n == "kill-leader") {
         // The first one-second window after the kill at half the normal rate.
         let mut recovered = None;
         let mut t = *kill;
@@ -273,13 +296,14 @@ pub async fn check(cfg: &CheckConfig) -> Result<Report> {
     Ok(report)
 }
 
-fn read_events(path: &std::path::Path) -> Result<Vec<(u64, String)>> {
+/// Events as (time, name, first argument).
+fn read_events(path: &std::path::Path) -> Result<Vec<(u64, String, String)>> {
     let mut events = Vec::new();
     for line in std::fs::read_to_string(path)?.lines() {
         let mut words = line.split_whitespace();
         let (Some(t), Some(name)) = (words.next(), words.next()) else { continue };
         let t = t.parse().map_err(|_| Error::InvalidInput(format!("bad event line {line:?}")))?;
-        events.push((t, name.to_string()));
+        events.push((t, name.to_string(), words.next().unwrap_or_default().to_string()));
     }
     events.sort();
     Ok(events)
@@ -296,6 +320,13 @@ impl Report {
             "in-doubt resolution after the faults: {}\n",
             self.in_doubt_resolution_ms.map_or("never".to_string(), |ms| format!("{ms} ms"))
         );
+        let p = &self.in_doubt_after_fault_ms;
+        if p.count > 0 {
+            s += &format!(
+                "in-doubt resolution after each fault healed (ms): p50 {:?}, p99 {:?}, max {:?} over {} faults\n",
+                p.p50, p.p99, p.max, p.count
+            );
+        }
         s += &format!(
             "throughput (commits/s): {:.1} before faults, {:.1} during, {:.1} after\n",
             self.throughput.before_faults, self.throughput.during_faults, self.throughput.after_faults
