@@ -9,12 +9,14 @@
 #
 #   scripts/chaos.sh --duration SECONDS [--seed N] [--report FILE]
 #                    [--kill-every S] [--pause-every S] [--participant-restart-every S]
-#                    [--kill-all-every S] [--workers N]
+#                    [--kill-all-every S] [--participant-net-every S] [--workers N]
 #
 # Faults (0 turns one off): kill -9 the leader and restart it (default every
 # 30 s); SIGSTOP the leader for 3 s, longer than the election timeout, then
 # SIGCONT (every 60 s); restart a participant with pg_ctl -m immediate
-# (every 300 s); kill all three nodes and restart them (off). No fault starts
+# (every 300 s); delay (300 ms), stall or reset the connections between the
+# cluster and one participant for 4 s, through a TCP proxy (every 90 s); kill
+# all three nodes and restart them (off). No fault starts
 # in the last 15 s, so the run ends healed. The seed fixes the workload and
 # the choice of faults. The report (JSON) goes to FILE (default
 # .tandem/chaos/report.json); fault events and outcomes stay in .tandem/chaos.
@@ -23,7 +25,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 
-DURATION=60 SEED=1 REPORT="" KILL_EVERY=30 PAUSE_EVERY=60 PG_EVERY=300 KILL_ALL_EVERY=0 WORKERS=8
+DURATION=60 SEED=1 REPORT="" KILL_EVERY=30 PAUSE_EVERY=60 PG_EVERY=300 KILL_ALL_EVERY=0 NET_EVERY=90 WORKERS=8
 while (($#)); do
     case "$1" in
         --duration) DURATION=$2 ;;
@@ -33,8 +35,9 @@ while (($#)); do
         --pause-every) PAUSE_EVERY=$2 ;;
         --participant-restart-every) PG_EVERY=$2 ;;
         --kill-all-every) KILL_ALL_EVERY=$2 ;;
+        --participant-net-every) NET_EVERY=$2 ;;
         --workers) WORKERS=$2 ;;
-        *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+        *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
     esac
     shift 2
 done
@@ -79,11 +82,15 @@ resolved() {
 }
 
 build_tandem
+# Restarts during the run reuse this binary.
+export TANDEM_NO_BUILD=1
 source "$REPO_ROOT/scripts/pg.sh"
 pg_init
 workload_pid=""
+proxy_pids=()
 finish() {
     [ -z "$workload_pid" ] || kill "$workload_pid" 2>/dev/null || true
+    ((${#proxy_pids[@]} == 0)) || kill "${proxy_pids[@]}" 2>/dev/null || true
     for n in 1 2 3; do
         f="$TANDEM_HOME/run/node$n.pid"
         [ -f "$f" ] && kill -CONT "$(cat "$f")" 2>/dev/null || true
@@ -98,8 +105,20 @@ pg_start accounts_b
 cluster wipe
 mkdir -p "$TANDEM_HOME"
 rm -rf "$OUT" "$EVENTS"
+# The workload and the checker reach the databases directly; the cluster
+# through a proxy per participant, which the network faults switch.
 pg_participants "$TANDEM_HOME/participants.toml"
-cluster up --participants "$TANDEM_HOME/participants.toml"
+cp "$TANDEM_HOME/participants.toml" "$TANDEM_HOME/proxied.toml"
+proxy_pids=()
+for db in accounts_a accounts_b; do
+    pport=$(pg_free_port)
+    echo pass >"$TANDEM_HOME/proxy-$db"
+    "$TANDEM_BIN" workload proxy --listen "127.0.0.1:$pport" --to "127.0.0.1:${PORT[$db]}" \
+        --control "$TANDEM_HOME/proxy-$db" 2>>"$TANDEM_HOME/proxy-$db.log" &
+    proxy_pids+=($!)
+    sed -i "s|127.0.0.1:${PORT[$db]}/|127.0.0.1:$pport/|" "$TANDEM_HOME/proxied.toml"
+done
+cluster up --participants "$TANDEM_HOME/proxied.toml"
 
 leader_id() {
     "$TANDEM_BIN" cluster status --wait-leader 30 --json 2>/dev/null | grep '"role":"leader"' |
@@ -114,19 +133,40 @@ workload_pid=$!
 
 RANDOM=$SEED
 start=$(now_ms)
-due() { (($1 > 0 && t > 0 && t % $1 == 0)); }
+# Each fault is due every N seconds. One runs per turn: the one overdue the
+# longest, so every kind happens however long the others take.
+declare -A next
+every() {
+    case "$1" in
+        kill_all) echo "$KILL_ALL_EVERY" ;; kill) echo "$KILL_EVERY" ;; pause) echo "$PAUSE_EVERY" ;;
+        net) echo "$NET_EVERY" ;; pg) echo "$PG_EVERY" ;;
+    esac
+}
+for f in kill_all kill pause net pg; do next[$f]=$(every "$f"); done
+pick() { # sets $fault (not in a subshell: it advances next[])
+    local f best=""
+    for f in kill_all kill pause net pg; do
+        (($(every "$f") > 0 && t >= next[$f])) || continue
+        if [ -z "$best" ] || ((next[$f] < next[$best])); then best=$f; fi
+    done
+    [ -n "$best" ] || return 1
+    next[$best]=$((next[$best] + $(every "$best")))
+    ((next[$best] > t)) || next[$best]=$((t + $(every "$best")))
+    fault=$best
+}
 while kill -0 "$workload_pid" 2>/dev/null; do
     sleep 1
     t=$((($(now_ms) - start) / 1000))
     ((t < DURATION - 15)) || continue
-    if due "$KILL_ALL_EVERY"; then
+    pick || continue
+    if [ "$fault" = kill_all ]; then
         event kill-all
         for n in 1 2 3; do cluster kill "$n" >/dev/null; done
         sleep 2
         for n in 1 2 3; do cluster restart "$n" >/dev/null; done
         event heal-kill-all
         resolved
-    elif due "$KILL_EVERY"; then
+    elif [ "$fault" = kill ]; then
         leader=$(leader_id)
         [ -n "$leader" ] || continue
         event kill-leader "$leader"
@@ -135,7 +175,7 @@ while kill -0 "$workload_pid" 2>/dev/null; do
         cluster restart "$leader" >/dev/null
         event heal-kill-leader "$leader"
         resolved
-    elif due "$PAUSE_EVERY"; then
+    elif [ "$fault" = pause ]; then
         leader=$(leader_id)
         [ -n "$leader" ] || continue
         event pause-leader "$leader"
@@ -144,7 +184,16 @@ while kill -0 "$workload_pid" 2>/dev/null; do
         kill -CONT "$(node_pid "$leader")"
         event heal-pause-leader "$leader"
         resolved
-    elif due "$PG_EVERY"; then
+    elif [ "$fault" = net ]; then
+        db=$( ((RANDOM % 2)) && echo accounts_a || echo accounts_b)
+        mode=$(echo "delay 300|drop|reset" | cut -d'|' -f$((RANDOM % 3 + 1)))
+        event "net-${mode%% *}" "$db"
+        echo "$mode" >"$TANDEM_HOME/proxy-$db"
+        sleep 4
+        echo pass >"$TANDEM_HOME/proxy-$db"
+        event heal-net "$db"
+        resolved
+    else
         db=$( ((RANDOM % 2)) && echo accounts_a || echo accounts_b)
         event restart-participant "$db"
         pg_restart "$db"

@@ -140,7 +140,8 @@ case "${1:-}" in
     kill) need_node "${2:-}" kill; stop_node "$2" KILL ;;
     restart)
         need_node "${2:-}" restart
-        build_tandem
+        # TANDEM_NO_BUILD=1 restarts the binary as it is (the chaos run).
+        [ "${TANDEM_NO_BUILD:-}" = 1 ] || build_tandem
         stop_node "$2"
         start_node "$2"
         wait_listening "$2"

@@ -35,8 +35,12 @@ ensure_build_deps() {
     done
 }
 
+# The scripts' binary is the tests' binary: with the fail points compiled
+# in (inert unless a test arms one through Cluster.SetFailPoint), so that a
+# script never replaces the binary a test run is using, and CI compiles the
+# crate once. Production builds (`cargo build --release`) leave them out.
 build_tandem() {
     ensure_build_deps
     log "building tandem (target dir $CARGO_TARGET_DIR)"
-    (cd "$REPO_ROOT" && cargo build --bin tandem --quiet)
+    (cd "$REPO_ROOT" && cargo build --bin tandem --features failpoints --quiet)
 }

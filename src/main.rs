@@ -99,6 +99,16 @@ enum WorkloadCommand {
         #[arg(long, default_value_t = 120)]
         settle_s: u64,
     },
+    /// A TCP proxy that passes, delays, drops or resets connections as its
+    /// control file says (`pass`, `delay MS`, `drop`, `reset`).
+    Proxy {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        control: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -349,6 +359,7 @@ async fn workload(c: WorkloadCommand) -> Result<()> {
             println!("bank: {committed} committed, {aborted} aborted, {unknown} unknown");
             Ok(())
         }
+        WorkloadCommand::Proxy { listen, to, control } => tandem::workload::proxy::run(&listen, &to, control).await,
         WorkloadCommand::Check { nodes, bank: b, events, report, cluster_id, settle_s } => {
             let participants = tandem::config::load_participants_file(&b.participants)?;
             let r = check::check(&check::CheckConfig {

@@ -71,13 +71,22 @@ fn workload(bank: &Bank, out: &std::path::Path, seed: u64, seconds: u64) -> toki
 }
 
 /// Arms `point` to abort the leader's process; returns the leader. A node
-/// just restarted may not take the call yet: try again.
-async fn arm_on_leader(bank: &Bank, point: &str) -> u64 {
+/// just restarted may not take the call yet: try again. The point may fire
+/// before the call is answered: then the leader is gone already.
+async fn arm_on_leader(bank: &mut Bank, point: &str) -> u64 {
     let mut tries = 0;
     loop {
         let leader = bank.cluster.leader().await;
         match bank.cluster.pinned(leader).set_fail_point(point, "1*return(abort)").await {
             Ok(()) => return leader,
+            Err(_)
+                if {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    bank.cluster.has_exited(leader)
+                } =>
+            {
+                return leader;
+            }
             Err(e) if tries < 50 => {
                 tries += 1;
                 eprintln!("arming {point} on node {leader}: {e}; again");
@@ -102,9 +111,10 @@ async fn leader_killed_at_every_step_passes_the_checker() {
             let out = dir.path().join(format!("run{run}"));
             let running = workload(&bank, &out, run, 6);
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let leader = arm_on_leader(&bank, point).await;
+            let leader = arm_on_leader(&mut bank, point).await;
             bank.cluster.wait_exit(leader).await;
             bank.cluster.start_node(leader);
+            bank.cluster.wait_answering(leader).await;
             let (committed, aborted, unknown) = running.await.unwrap();
             let report = check::check(&check_config(&bank, &out)).await.unwrap();
             eprintln!(

@@ -12,6 +12,7 @@
 
 pub mod bank;
 pub mod check;
+pub mod proxy;
 
 use serde::Deserialize;
 use serde::Serialize;

@@ -155,6 +155,13 @@ impl TestCluster {
         node.child = Some(child);
     }
 
+    /// Whether node `id`'s process has exited (it is still counted as
+    /// running until [`Self::wait_exit`]).
+    pub fn has_exited(&mut self, id: u64) -> bool {
+        let node = &mut self.nodes[(id - 1) as usize];
+        node.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some())
+    }
+
     /// Waits until node `id` exits by itself (a fail point that aborts it).
     pub async fn wait_exit(&mut self, id: u64) {
         let deadline = Instant::now() + WAIT;
@@ -219,7 +226,11 @@ impl TestCluster {
                     return leader;
                 }
             }
-            assert!(Instant::now() < deadline, "no agreed leader among {:?}", self.running());
+            if Instant::now() >= deadline {
+                let logs: Vec<String> =
+                    self.running().iter().map(|id| format!("node {id}:\n{}", self.log_tail(*id))).collect();
+                panic!("no agreed leader among {:?}; logs:\n{}", self.running(), logs.join("\n---\n"));
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
