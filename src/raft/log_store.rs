@@ -11,7 +11,9 @@
 //!   (`flush_wal(true)`) and only then reports the entries flushed. Callbacks
 //!   that queue up while one fsync runs share the next one: under load many
 //!   appends cost one fsync.
-//! - `save_vote` fsyncs before it returns.
+//! - `save_vote` fsyncs before it returns. On opening, the stored vote is
+//!   made uncommitted ([`LogStore::uncommit_vote`]): a restarted node never
+//!   resumes leading the term it led before.
 //! - An fsync failure poisons the store: every later append and vote fails,
 //!   openraft stops the node, and nothing is acknowledged after the failure.
 //!
@@ -36,6 +38,7 @@ use openraft::storage::RaftLogStorage;
 use openraft::type_config::alias::EntryOf;
 use openraft::type_config::alias::LogIdOf;
 use openraft::type_config::alias::VoteOf;
+use openraft::vote::RaftVote;
 use rocksdb::DB;
 use rocksdb::Direction;
 use rocksdb::IteratorMode;
@@ -78,6 +81,32 @@ impl Drop for Flusher {
 }
 
 impl LogStore {
+    /// Stores the vote as not committed, before Raft starts: a restarted
+    /// node does not resume leading the term it led before the crash, it
+    /// must win a new term first. The vote still binds it to its candidate
+    /// for that term.
+    ///
+    /// A leader's entries reach its followers while its own copy may still
+    /// be on the way to disk, and two followers are a quorum without it. Had
+    /// it lost the tail of its log in the crash (RocksDB drops a torn
+    /// write-ahead-log record and everything after it), resuming the old
+    /// term would let it write *different* entries under log ids (term,
+    /// index) the followers already hold, which they take for the same
+    /// entries, and the nodes' decision logs would diverge. The crash matrix
+    /// caught that.
+    pub fn uncommit_vote(&self) -> crate::error::Result<()> {
+        let cf = self.db.cf_handle(cf::RAFT_META).expect("raft_meta column family");
+        let Some(bytes) = self.db.get_cf(&cf, KEY_VOTE)? else { return Ok(()) };
+        let vote: VoteOf<TypeConfig> = decode(&bytes)?;
+        if vote.is_committed() {
+            let uncommitted = VoteOf::<TypeConfig>::from_leader_id(vote.leader_id().clone(), false);
+            let mut opts = rocksdb::WriteOptions::default();
+            opts.set_sync(true);
+            self.db.put_cf_opt(&cf, KEY_VOTE, encode(&uncommitted)?, &opts)?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn new(db: Arc<DB>) -> Self {
         let (tx, rx) = mpsc::channel();
         let poisoned = Arc::new(AtomicBool::new(false));

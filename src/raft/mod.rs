@@ -223,7 +223,9 @@ pub fn open_store(dir: &Path) -> Result<(LogStore, StateMachine)> {
     opts.set_keep_log_file_num(4);
     let cfs = cf::ALL.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
     let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?);
-    Ok((LogStore::new(db.clone()), StateMachine::new(db)))
+    let log_store = LogStore::new(db.clone());
+    log_store.uncommit_vote()?;
+    Ok((log_store, StateMachine::new(db)))
 }
 
 /// Builds openraft's config from ours.
