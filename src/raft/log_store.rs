@@ -99,7 +99,7 @@ impl LogStore {
         let Some(bytes) = self.db.get_cf(&cf, KEY_VOTE)? else { return Ok(()) };
         let vote: VoteOf<TypeConfig> = decode(&bytes)?;
         if vote.is_committed() {
-            let uncommitted = VoteOf::<TypeConfig>::from_leader_id(vote.leader_id().clone(), false);
+            let uncommitted = VoteOf::<TypeConfig>::from_leader_id(*vote.leader_id(), false);
             let mut opts = rocksdb::WriteOptions::default();
             opts.set_sync(true);
             self.db.put_cf_opt(&cf, KEY_VOTE, encode(&uncommitted)?, &opts)?;
