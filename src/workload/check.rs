@@ -123,46 +123,56 @@ async fn prepared_left(participants: &[ParticipantConfig], prefix: &str) -> Resu
     Ok(left)
 }
 
-/// Waits until every node answers and has applied the same log index, then
-/// compares their decision records.
+/// Every node's applied log index, if every node answers.
+async fn applied_indexes(nodes: &[String]) -> Result<Option<BTreeSet<Option<u64>>>> {
+    let mut applied = BTreeSet::new();
+    for addr in nodes {
+        match tokio::time::timeout(Duration::from_secs(3), Client::pinned(addr)?.status()).await {
+            Ok(Ok(s)) => {
+                applied.insert(s.applied_index);
+            }
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(applied))
+}
+
+/// Compares every node's decision records once they have applied the same
+/// log. The leader's recovery may still be writing (completing records), so
+/// the records count only if no node applied anything while they were read.
 async fn decisions_agree(nodes: &[String], settle: Duration, violations: &mut Vec<String>) -> Result<u64> {
     let deadline = Instant::now() + settle;
     loop {
-        let mut applied = BTreeSet::new();
-        let mut answered = 0;
-        for addr in nodes {
-            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(3), Client::pinned(addr)?.status()).await {
-                answered += 1;
-                applied.insert(s.applied_index);
+        let before = applied_indexes(nodes).await?;
+        if before.as_ref().is_some_and(|a| a.len() == 1) {
+            let mut all = Vec::new();
+            for addr in nodes {
+                all.push((addr.clone(), Client::pinned(addr)?.list_all_records(None, true).await?));
             }
-        }
-        if answered == nodes.len() && applied.len() == 1 {
-            break;
+            if applied_indexes(nodes).await? == before {
+                let (first_addr, first) = &all[0];
+                for (addr, records) in &all[1..] {
+                    if records != first {
+                        let theirs: BTreeSet<_> = first.iter().map(|x| format!("{x:?}")).collect();
+                        let ours: BTreeSet<_> = records.iter().map(|x| format!("{x:?}")).collect();
+                        let diff: Vec<_> = theirs.symmetric_difference(&ours).take(3).collect();
+                        violations.push(format!(
+                            "decisions agree: {first_addr} and {addr} hold different records at the same \
+                             applied index, e.g. {diff:?}"
+                        ));
+                    }
+                }
+                return Ok(first.len() as u64);
+            }
         }
         if Instant::now() >= deadline {
             violations.push(format!(
-                "decisions agree: nodes did not converge in {settle:?} ({answered} of {} answered, applied {applied:?})",
-                nodes.len()
+                "decisions agree: the nodes did not settle at one applied index in {settle:?} (last seen {before:?})"
             ));
             return Ok(0);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut first: Option<(String, Vec<crate::txn::TxnRecord>)> = None;
-    for addr in nodes {
-        let records = Client::pinned(addr)?.list_all_records(None, true).await?;
-        match &first {
-            None => first = Some((addr.clone(), records)),
-            Some((a, r)) if *r != records => {
-                let theirs: BTreeSet<_> = r.iter().map(|x| format!("{x:?}")).collect();
-                let ours: BTreeSet<_> = records.iter().map(|x| format!("{x:?}")).collect();
-                let diff: Vec<_> = theirs.symmetric_difference(&ours).take(3).collect();
-                violations.push(format!("decisions agree: {a} and {addr} hold different records, e.g. {diff:?}"));
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(first.map_or(0, |(_, r)| r.len() as u64))
 }
 
 /// Commits per second over `[from, to)` (Unix ms), by end time.
