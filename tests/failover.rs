@@ -101,19 +101,29 @@ async fn wait_prepared(bank: &Bank, n: usize) -> (Vec<String>, Vec<String>) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn participant_restarted_with_branches_prepared() {
+type Transfer = tokio::task::JoinHandle<tandem::error::Result<pb::TransactResponse>>;
+
+/// A bank with one transfer of 10 (account `from` in accounts_a to `to` in
+/// accounts_b) held between its COMMIT decision and COMMIT PREPARED (4 s),
+/// both branches prepared. Returns the bank, the leader, the running
+/// transfer and accounts_b's prepared gids.
+async fn held_after_commit_decision(from: i64, to: i64) -> (Bank, u64, Transfer, Vec<String>) {
     let bank = Bank::start_with(1_000).await;
     let leader = bank.cluster.leader().await;
-    // Hold the transaction between its COMMIT decision and COMMIT PREPARED.
     bank.cluster
         .pinned(leader)
         .set_fail_point("coordinator::before_commit_prepared", "1*return(sleep 4000)")
         .await
         .unwrap();
     let mut client = bank.cluster.client();
-    let running = tokio::spawn(async move { client.transact(transfer(1, 2, 10)).await });
-    wait_prepared(&bank, 1).await;
+    let running = tokio::spawn(async move { client.transact(transfer(from, to, 10)).await });
+    let (_, b) = wait_prepared(&bank, 1).await;
+    (bank, leader, running, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_restarted_with_branches_prepared() {
+    let (bank, _, running, _) = held_after_commit_decision(1, 2).await;
     // A crash as far as PostgreSQL knows; prepared branches survive it, the
     // coordinator's connections do not.
     bank.b.restart_immediate();
@@ -125,16 +135,7 @@ async fn participant_restarted_with_branches_prepared() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn branch_rolled_back_by_hand_after_commit_is_a_heuristic_outcome() {
-    let bank = Bank::start_with(1_000).await;
-    let leader = bank.cluster.leader().await;
-    bank.cluster
-        .pinned(leader)
-        .set_fail_point("coordinator::before_commit_prepared", "1*return(sleep 4000)")
-        .await
-        .unwrap();
-    let mut client = bank.cluster.client();
-    let running = tokio::spawn(async move { client.transact(transfer(3, 4, 10)).await });
-    let (_, b) = wait_prepared(&bank, 1).await;
+    let (bank, leader, running, b) = held_after_commit_decision(3, 4).await;
     // An operator ends accounts_b's branch against the decision.
     bank.b.client("accounts").await.batch_execute(&format!("ROLLBACK PREPARED '{}'", b[0])).await.unwrap();
 

@@ -18,9 +18,6 @@ use crate::raft::CommandResponse;
 use crate::raft::Op;
 use crate::txn::TxId;
 
-/// Records per page when a list request names no limit.
-const LIST_PAGE_DEFAULT: u32 = 100;
-
 pub struct DecisionLogService {
     node: Arc<Node>,
 }
@@ -89,14 +86,7 @@ impl DecisionLogService {
     async fn list_local(&self, req: &pb::ListRecordsRequest) -> Result<pb::ListRecordsResponse> {
         let state = convert::state_from_pb(req.state)?;
         let after = if req.after.is_empty() { None } else { Some(TxId::parse(&req.after)?) };
-        let max = self.node.config.limits.list_page_max;
-        let limit = match req.limit {
-            0 => LIST_PAGE_DEFAULT.min(max),
-            n if n > max => {
-                return Err(Error::InvalidInput(format!("limit {n} is over the limit limits.list_page_max = {max}")));
-            }
-            n => n,
-        };
+        let limit = self.node.page_limit(req.limit)?;
         if !req.local {
             self.node.linearize().await?;
         }

@@ -173,6 +173,20 @@ impl Node {
     }
 
     /// Checks a request's encoded size against `limits.request_bytes_max`.
+    /// The page size a list request asks for: 0 means the default (100, at
+    /// most `limits.list_page_max`); above the maximum is refused.
+    pub(crate) fn page_limit(&self, asked: u32) -> Result<u32> {
+        const LIST_PAGE_DEFAULT: u32 = 100;
+        let max = self.config.limits.list_page_max;
+        match asked {
+            0 => Ok(LIST_PAGE_DEFAULT.min(max)),
+            n if n > max => {
+                Err(Error::InvalidInput(format!("limit {n} is over the limit limits.list_page_max = {max}")))
+            }
+            n => Ok(n),
+        }
+    }
+
     pub(crate) fn check_request_size(&self, size: usize) -> Result<()> {
         let max = self.config.limits.request_bytes_max;
         if size > max {

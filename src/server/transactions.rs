@@ -18,9 +18,6 @@ use crate::proto as pb;
 use crate::proto::transactions_client::TransactionsClient;
 use crate::txn::TxId;
 
-/// Transactions per page when a list request names no limit.
-const LIST_PAGE_DEFAULT: u32 = 100;
-
 pub struct TransactionsService {
     node: Arc<Node>,
     coordinator: Arc<Coordinator>,
@@ -93,14 +90,7 @@ impl TransactionsService {
         self.leader()?;
         let state = convert::txn_state_from_pb(req.state)?;
         let after = if req.after.is_empty() { None } else { Some(TxId::parse(&req.after)?) };
-        let max = self.node.config.limits.list_page_max;
-        let limit = match req.limit {
-            0 => LIST_PAGE_DEFAULT.min(max),
-            n if n > max => {
-                return Err(Error::InvalidInput(format!("limit {n} is over limits.list_page_max = {max}")));
-            }
-            n => n,
-        };
+        let limit = self.node.page_limit(req.limit)?;
         let list = self.coordinator.list_transactions(state, after, limit as usize).await?;
         Ok(pb::ListTransactionsResponse { transactions: list.iter().map(convert::transaction_to_pb).collect() })
     }

@@ -110,10 +110,9 @@ pub fn read_outcomes(out: &std::path::Path) -> Result<Vec<Outcome>> {
     Ok(list)
 }
 
-async fn prepared_left(participants: &[ParticipantConfig], prefix: &str) -> Result<Vec<String>> {
+async fn prepared_left(clients: &[(&ParticipantConfig, tokio_postgres::Client)], prefix: &str) -> Result<Vec<String>> {
     let mut left = Vec::new();
-    for p in participants {
-        let c = connect(p).await?;
+    for (p, c) in clients {
         let rows = c
             .query("SELECT gid FROM pg_prepared_xacts WHERE starts_with(gid, $1)", &[&prefix])
             .await
@@ -190,10 +189,14 @@ pub async fn check(cfg: &CheckConfig) -> Result<Report> {
     let outcomes = read_outcomes(&cfg.out)?;
 
     // No orphans, and how long in-doubt branches took to be settled.
+    let mut clients = Vec::new();
+    for p in &cfg.participants {
+        clients.push((p, connect(p).await?));
+    }
     let start = Instant::now();
     let deadline = start + cfg.settle;
     loop {
-        let left = prepared_left(&cfg.participants, &cfg.gid_prefix).await?;
+        let left = prepared_left(&clients, &cfg.gid_prefix).await?;
         if left.is_empty() {
             report.in_doubt_resolution_ms = Some(start.elapsed().as_millis() as u64);
             break;
@@ -214,8 +217,7 @@ pub async fn check(cfg: &CheckConfig) -> Result<Report> {
     // Markers and balances.
     let mut markers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut total = 0i64;
-    for p in &cfg.participants {
-        let c = connect(p).await?;
+    for (p, c) in &clients {
         let pg = |e| crate::participant::postgres::pg_error(&p.name, e);
         let rows = c.query("SELECT op FROM tandem_markers", &[]).await.map_err(pg)?;
         markers.insert(p.name.clone(), rows.iter().map(|r| r.get(0)).collect());
