@@ -9,14 +9,18 @@
 #
 #   scripts/chaos.sh --duration SECONDS [--seed N] [--report FILE]
 #                    [--kill-every S] [--pause-every S] [--participant-restart-every S]
-#                    [--kill-all-every S] [--participant-net-every S] [--workers N]
+#                    [--kill-all-every S] [--participant-net-every S]
+#                    [--partition-every S] [--workers N]
 #
 # Faults (0 turns one off): kill -9 the leader and restart it (default every
 # 30 s); SIGSTOP the leader for 3 s, longer than the election timeout, then
 # SIGCONT (every 60 s); restart a participant with pg_ctl -m immediate
 # (every 300 s); delay (300 ms), stall or reset the connections between the
-# cluster and one participant for 4 s, through a TCP proxy (every 90 s); kill
-# all three nodes and restart them (off). No fault starts
+# cluster and one participant for 4 s, through a TCP proxy (every 90 s); cut
+# one node (the leader two times in three) off from the other two for 5 s
+# while it still reaches the participants and the clients (every 60 s; each
+# node runs in its own network namespace, scripts/netns.sh, which needs
+# root); kill all three nodes and restart them (off). No fault starts
 # in the last 15 s, so the run ends healed. The seed fixes the workload and
 # the choice of faults. The report (JSON) goes to FILE (default
 # .tandem/chaos/report.json); fault events and outcomes stay in .tandem/chaos.
@@ -25,7 +29,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 
-DURATION=60 SEED=1 REPORT="" KILL_EVERY=30 PAUSE_EVERY=60 PG_EVERY=300 KILL_ALL_EVERY=0 NET_EVERY=90 WORKERS=8
+DURATION=60 SEED=1 REPORT="" KILL_EVERY=30 PAUSE_EVERY=60 PG_EVERY=300 KILL_ALL_EVERY=0 NET_EVERY=90 PARTITION_EVERY=60 WORKERS=8
 while (($#)); do
     case "$1" in
         --duration) DURATION=$2 ;;
@@ -36,8 +40,9 @@ while (($#)); do
         --participant-restart-every) PG_EVERY=$2 ;;
         --kill-all-every) KILL_ALL_EVERY=$2 ;;
         --participant-net-every) NET_EVERY=$2 ;;
+        --partition-every) PARTITION_EVERY=$2 ;;
         --workers) WORKERS=$2 ;;
-        *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+        *) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
     esac
     shift 2
 done
@@ -53,7 +58,24 @@ if [ -z "${TANDEM_PORT_BASE:-}" ]; then
     done
 fi
 export TANDEM_PORT_BASE
-export TANDEM_NODES="127.0.0.1:$((TANDEM_PORT_BASE + 1)),127.0.0.1:$((TANDEM_PORT_BASE + 2)),127.0.0.1:$((TANDEM_PORT_BASE + 3))"
+source "$REPO_ROOT/scripts/netns.sh"
+if ((PARTITION_EVERY > 0)); then
+    if ! netns_available; then
+        echo "the partition fault runs each node in its own network namespace, which needs" >&2
+        echo "root and iproute2; run as root, or turn it off with --partition-every 0" >&2
+        exit 2
+    fi
+    netns_up
+    trap netns_down EXIT
+    export TANDEM_NETNS=$NETNS_TAG TANDEM_NETNS_NET=$NETNS_NET
+    node_host() { netns_node_addr "$1"; }
+    # What the nodes dial to reach the participants' proxies.
+    PROXY_HOST=$(netns_host_addr)
+else
+    node_host() { echo 127.0.0.1; }
+    PROXY_HOST=127.0.0.1
+fi
+export TANDEM_NODES="$(node_host 1):$((TANDEM_PORT_BASE + 1)),$(node_host 2):$((TANDEM_PORT_BASE + 2)),$(node_host 3):$((TANDEM_PORT_BASE + 3))"
 REPORT=${REPORT:-$TANDEM_HOME/report.json}
 OUT="$TANDEM_HOME/workload" EVENTS="$TANDEM_HOME/events.txt"
 cluster() { "$REPO_ROOT/scripts/cluster.sh" "$@"; }
@@ -97,6 +119,7 @@ finish() {
     done
     cluster down >/dev/null 2>&1 || true
     pg_stop_all
+    netns_down
 }
 trap finish EXIT
 
@@ -113,10 +136,10 @@ proxy_pids=()
 for db in accounts_a accounts_b; do
     pport=$(pg_free_port)
     echo pass >"$TANDEM_HOME/proxy-$db"
-    "$TANDEM_BIN" workload proxy --listen "127.0.0.1:$pport" --to "127.0.0.1:${PORT[$db]}" \
+    "$TANDEM_BIN" workload proxy --listen "$PROXY_HOST:$pport" --to "127.0.0.1:${PORT[$db]}" \
         --control "$TANDEM_HOME/proxy-$db" 2>>"$TANDEM_HOME/proxy-$db.log" &
     proxy_pids+=($!)
-    sed -i "s|127.0.0.1:${PORT[$db]}/|127.0.0.1:$pport/|" "$TANDEM_HOME/proxied.toml"
+    sed -i "s|127.0.0.1:${PORT[$db]}/|$PROXY_HOST:$pport/|" "$TANDEM_HOME/proxied.toml"
 done
 cluster up --participants "$TANDEM_HOME/proxied.toml"
 
@@ -139,13 +162,14 @@ declare -A next
 every() {
     case "$1" in
         kill_all) echo "$KILL_ALL_EVERY" ;; kill) echo "$KILL_EVERY" ;; pause) echo "$PAUSE_EVERY" ;;
-        net) echo "$NET_EVERY" ;; pg) echo "$PG_EVERY" ;;
+        net) echo "$NET_EVERY" ;; pg) echo "$PG_EVERY" ;; partition) echo "$PARTITION_EVERY" ;;
     esac
 }
-for f in kill_all kill pause net pg; do next[$f]=$(every "$f"); done
+FAULTS=(kill_all kill pause net pg partition)
+for f in "${FAULTS[@]}"; do next[$f]=$(every "$f"); done
 pick() { # sets $fault (not in a subshell: it advances next[])
     local f best=""
-    for f in kill_all kill pause net pg; do
+    for f in "${FAULTS[@]}"; do
         (($(every "$f") > 0 && t >= next[$f])) || continue
         if [ -z "$best" ] || ((next[$f] < next[$best])); then best=$f; fi
     done
@@ -183,6 +207,18 @@ while kill -0 "$workload_pid" 2>/dev/null; do
         sleep 3
         kill -CONT "$(node_pid "$leader")"
         event heal-pause-leader "$leader"
+        resolved
+    elif [ "$fault" = partition ]; then
+        leader=$(leader_id)
+        [ -n "$leader" ] || continue
+        # The leader two times in three (it goes on running, cut off), else
+        # a follower.
+        if ((RANDOM % 3)); then cut=$leader; else cut=$((leader % 3 + 1)); fi
+        event partition-node "$cut"
+        netns_cut "$cut"
+        sleep 5
+        netns_heal "$cut"
+        event heal-partition "$cut"
         resolved
     elif [ "$fault" = net ]; then
         db=$( ((RANDOM % 2)) && echo accounts_a || echo accounts_b)

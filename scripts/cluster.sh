@@ -12,7 +12,9 @@
 #
 # State (data, logs, pids) lives under $TANDEM_HOME, by default .tandem/ in
 # the repository. Node N listens on 127.0.0.1:700N (cluster/nodeN.toml), or
-# on TANDEM_PORT_BASE + N when that is set.
+# on TANDEM_PORT_BASE + N when that is set. With TANDEM_NETNS=tdmK and
+# TANDEM_NETNS_NET=10.K (scripts/netns.sh), node N runs in the network
+# namespace tdmK-N and listens on 10.K.N.2.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -20,14 +22,19 @@ TANDEM_HOME="${TANDEM_HOME:-$REPO_ROOT/.tandem}"
 NODES=(1 2 3)
 # Node N listens on 127.0.0.1:(TANDEM_PORT_BASE + N), 7001-7003 by default.
 PORT_BASE="${TANDEM_PORT_BASE:-7000}"
-ADDRS="127.0.0.1:$((PORT_BASE + 1)),127.0.0.1:$((PORT_BASE + 2)),127.0.0.1:$((PORT_BASE + 3))"
-MEMBERS="1=127.0.0.1:$((PORT_BASE + 1)),2=127.0.0.1:$((PORT_BASE + 2)),3=127.0.0.1:$((PORT_BASE + 3))"
+NETNS="${TANDEM_NETNS:-}"
+if [ -n "$NETNS" ]; then
+    addr() { echo "$TANDEM_NETNS_NET.$1.2:$((PORT_BASE + $1))"; }
+else
+    addr() { echo "127.0.0.1:$((PORT_BASE + $1))"; }
+fi
+ADDRS="$(addr 1),$(addr 2),$(addr 3)"
+MEMBERS="1=$(addr 1),2=$(addr 2),3=$(addr 3)"
 export TANDEM_NODES="$ADDRS"
 
 pid_file() { echo "$TANDEM_HOME/run/node$1.pid"; }
 log_file() { echo "$TANDEM_HOME/logs/node$1.log"; }
 data_dir() { echo "$TANDEM_HOME/data/node$1"; }
-addr() { echo "127.0.0.1:$((PORT_BASE + $1))"; }
 
 # True if node N's pid file names a live `tandem serve` (a stale pid may
 # belong to another process by now).
@@ -54,7 +61,10 @@ start_node() {
     if [ -f "$remembered" ]; then
         extra=(--participants "$(cat "$remembered")")
     fi
-    RUST_LOG="${RUST_LOG:-info,openraft=warn}" nohup "$TANDEM_BIN" serve \
+    # `ip netns exec` execs the binary: the pid is still the node's.
+    local host=()
+    [ -z "$NETNS" ] || host=(ip netns exec "$NETNS-$n")
+    RUST_LOG="${RUST_LOG:-info,openraft=warn}" nohup "${host[@]}" "$TANDEM_BIN" serve \
         --config "$REPO_ROOT/cluster/node$n.toml" --data-dir "$(data_dir "$n")" "${extra[@]}" \
         --listen "$(addr "$n")" --advertise "$(addr "$n")" \
         >>"$(log_file "$n")" 2>&1 &
@@ -152,7 +162,7 @@ case "${1:-}" in
         log "removed $TANDEM_HOME"
         ;;
     *)
-        sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

@@ -15,5 +15,5 @@ cargo build --all-targets --features failpoints --quiet
 log "running tests"
 cargo test --features failpoints --quiet -- --test-threads=1
 log "a short chaos run (fixed seed): faults under the bank workload, then the checker"
-"$REPO_ROOT/scripts/chaos.sh" --duration 75 --seed 42 --kill-every 20 --pause-every 35 \
-    --participant-restart-every 50 --report "$REPO_ROOT/.tandem/chaos/report.json"
+"$REPO_ROOT/scripts/chaos.sh" --duration 90 --seed 42 --kill-every 20 --pause-every 35 \
+    --partition-every 30 --participant-restart-every 50 --report "$REPO_ROOT/.tandem/chaos/report.json"
