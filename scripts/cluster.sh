@@ -78,7 +78,9 @@ wait_listening() {
         if "$TANDEM_BIN" cluster status --nodes "$(addr "$n")" --json 2>/dev/null | grep -q "\"id\":$n,"; then
             return 0
         fi
-        if ! running "$n"; then
+        # Just started: its pid may still be the shell forked to exec it,
+        # so ask only whether the process is there.
+        if ! kill -0 "$(cat "$(pid_file "$n")")" 2>/dev/null; then
             echo "node $n exited; see $(log_file "$n")" >&2
             tail -n 20 "$(log_file "$n")" >&2
             exit 1
