@@ -8,6 +8,7 @@ use prost::Message;
 const PROTOS: &[&str] = &[
     "proto/tandem/v1/cluster.proto",
     "proto/tandem/v1/decision_log.proto",
+    "proto/tandem/v1/participant.proto",
     "proto/tandem/v1/raft.proto",
     "proto/tandem/v1/transactions.proto",
 ];

@@ -278,6 +278,53 @@ impl Client {
         .await
     }
 
+    /// Enlists a remote participant's branch in the open interactive
+    /// transaction `txid`: `endpoint` is where the coordinator reaches the
+    /// service's `tandem.v1.Participant` (or give a configured remote
+    /// participant's name in `participant`). Safe to repeat.
+    pub async fn enlist(
+        &mut self,
+        txid: &TxId,
+        participant: &str,
+        endpoint: &str,
+        branch: &str,
+    ) -> Result<pb::BranchRef> {
+        let req = pb::EnlistRequest {
+            txid: txid.to_string(),
+            participant: participant.to_string(),
+            endpoint: endpoint.to_string(),
+            branch: branch.to_string(),
+        };
+        self.call(|ch| {
+            let req = req.clone();
+            async move {
+                let answer = TransactionsClient::new(ch).enlist(req).await?.into_inner();
+                answer.branch.ok_or_else(|| tonic::Status::internal("Enlist answered no branch"))
+            }
+        })
+        .await
+    }
+
+    /// The outcome of `txid` as the decision log holds it: `Some(true)`
+    /// committed, `Some(false)` aborted (final: with no decision recorded
+    /// and the transaction not running, the leader records ABORT first),
+    /// `None` still running (ask again later).
+    pub async fn get_outcome(&mut self, txid: &TxId) -> Result<Option<bool>> {
+        let req = pb::GetOutcomeRequest { txid: txid.to_string() };
+        self.call(|ch| {
+            let req = req.clone();
+            async move {
+                let answer = TransactionsClient::new(ch).get_outcome(req).await?.into_inner();
+                Ok(match pb::Outcome::try_from(answer.outcome) {
+                    Ok(pb::Outcome::Committed) => Some(true),
+                    Ok(pb::Outcome::Aborted) => Some(false),
+                    _ => None,
+                })
+            }
+        })
+        .await
+    }
+
     /// A transaction's state, branches, times, labels and last error.
     pub async fn get_transaction(&mut self, txid: &TxId) -> Result<pb::Transaction> {
         let req = pb::GetTransactionRequest { txid: txid.to_string() };

@@ -78,6 +78,11 @@ pub struct NodeConfig {
 /// kind = "postgres"
 /// url = "postgres://postgres@127.0.0.1:55432/accounts"
 /// pool_size = 16
+///
+/// [[participants]]
+/// name = "inventory"
+/// kind = "remote"   # a service speaking tandem.v1.Participant
+/// url = "http://10.0.0.7:7400"
 /// ```
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -94,6 +99,9 @@ pub struct ParticipantConfig {
 #[serde(rename_all = "lowercase")]
 pub enum ParticipantKind {
     Postgres,
+    /// A service that implements `tandem.v1.Participant` (participant.proto)
+    /// and enlists its own branches; `url` is its endpoint.
+    Remote,
 }
 
 fn default_pool_size() -> usize {
@@ -214,6 +222,9 @@ pub struct CoordinatorConfig {
     /// cap, and never give up.
     pub retry_first_ms: u64,
     pub retry_max_ms: u64,
+    /// How long a remote participant may take to answer PREPARE, retries
+    /// included; past it the transaction aborts, naming the participant.
+    pub remote_prepare_timeout_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -225,6 +236,7 @@ impl Default for CoordinatorConfig {
             timeout_max_ms: 600_000,
             retry_first_ms: 100,
             retry_max_ms: 10_000,
+            remote_prepare_timeout_ms: 10_000,
         }
     }
 }
@@ -352,6 +364,10 @@ impl NodeConfig {
             }
             if p.url.is_empty() {
                 return invalid(format!("participant {:?} has no url", p.name));
+            }
+            if p.kind == ParticipantKind::Remote {
+                crate::txn::validate_endpoint(&p.url)
+                    .map_err(|e| Error::InvalidInput(format!("participant {:?}: {e}", p.name)))?;
             }
             if p.pool_size == 0 || p.pool_size > POOL_SIZE_MAX {
                 return invalid(format!("participant {:?}: pool_size must be 1 to {POOL_SIZE_MAX}", p.name));

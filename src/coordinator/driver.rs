@@ -114,6 +114,8 @@ pub struct Coordinator {
     sequence: AtomicU64,
     backoff: Backoff,
     completer: Completer,
+    /// Channels to remote participants' endpoints.
+    pub(super) remote_channels: crate::participant::remote::RemoteChannels,
     pub metrics: Arc<Metrics>,
 }
 
@@ -130,6 +132,7 @@ impl Coordinator {
             live: Mutex::default(),
             ended: Mutex::default(),
             sequence: AtomicU64::new(0),
+            remote_channels: Default::default(),
             metrics,
         });
         tokio::spawn(super::interactive::reap(Arc::downgrade(&coordinator)));
@@ -568,7 +571,14 @@ impl Driver {
                     tokio::spawn(async move { session.rollback().await.ok() });
                 }
             }
-            Action::ProposeDecision(decision) => {
+            Action::ProposeDecision(mut decision) => {
+                // A remote branch is recorded with its endpoint, so that any
+                // leader can finish it.
+                if let Decision::Commit { branches, .. } = &mut decision {
+                    for (b, p) in branches.iter_mut().zip(&self.participants) {
+                        b.remote = p.remote();
+                    }
+                }
                 let node = self.node.clone();
                 let txid = self.txid.clone();
                 let info = self.live.info.clone();

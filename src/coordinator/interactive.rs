@@ -53,10 +53,10 @@ pub struct BeginSpec {
 
 /// An interactive transaction's open branches.
 pub(crate) struct Open {
-    guard: LiveGuard,
-    participants: Vec<Arc<dyn Participant>>,
-    sessions: Vec<Box<dyn BranchSession>>,
-    statements: Vec<usize>,
+    pub(super) guard: LiveGuard,
+    pub(super) participants: Vec<Arc<dyn Participant>>,
+    pub(super) sessions: Vec<Box<dyn BranchSession>>,
+    pub(super) statements: Vec<usize>,
 }
 
 impl Coordinator {
@@ -241,7 +241,7 @@ impl Coordinator {
     }
 
     /// The error for a call on a transaction that is not open here.
-    async fn not_open(&self, txid: &TxId) -> Error {
+    pub(super) async fn not_open(&self, txid: &TxId) -> Error {
         if let Ok(Some(record)) = self.node.state_machine.get(txid.clone()).await {
             let outcome = if record.decision.is_commit() { "committed" } else { "aborted" };
             return Error::FailedPrecondition(format!("transaction {txid} is already {outcome}"));
@@ -257,7 +257,7 @@ impl Coordinator {
     }
 
     /// Rolls back an open transaction's branches and lets it go.
-    async fn roll_back_open(&self, live: &Live, open: Option<Open>, reason: &str) {
+    pub(super) async fn roll_back_open(&self, live: &Live, open: Option<Open>, reason: &str) {
         let Some(open) = open else { return };
         let rollbacks = open.sessions.into_iter().map(|s| s.rollback());
         for result in futures::future::join_all(rollbacks).await {

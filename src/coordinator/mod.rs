@@ -29,6 +29,7 @@ pub mod completer;
 pub mod driver;
 pub mod interactive;
 pub mod recovery;
+pub mod remote;
 pub mod status;
 
 use std::sync::atomic::AtomicU64;
@@ -39,6 +40,7 @@ pub use driver::Coordinator;
 pub use driver::TransactOutcome;
 pub use driver::TransactSpec;
 pub use interactive::BeginSpec;
+pub use remote::EnlistSpec;
 pub use status::TransactionStatus;
 pub use status::TxnState;
 

@@ -29,6 +29,7 @@ use super::driver::PARTICIPANT_CALL_TIMEOUT;
 use crate::error::Error;
 use crate::error::Result;
 use crate::participant::Phase2;
+use crate::participant::remote;
 use crate::raft::CommandResponse;
 use crate::raft::Completion;
 use crate::raft::Op;
@@ -117,23 +118,7 @@ impl Coordinator {
             if self.in_flight(txid) {
                 continue;
             }
-            let decision = match node.state_machine.get(txid.clone()).await? {
-                Some(record) => record.decision,
-                None => {
-                    let reason = "no decision was recorded before its leader stopped (presumed abort)".to_string();
-                    match node
-                        .propose(Op::Decide {
-                            txid: txid.clone(),
-                            decision: Decision::Abort { reason },
-                            info: Default::default(),
-                        })
-                        .await?
-                    {
-                        CommandResponse::Decided { record, .. } => record.decision,
-                        other => return Err(Error::Internal(format!("unexpected {other:?}"))),
-                    }
-                }
-            };
+            let decision = self.decision_or_presumed_abort(txid).await?;
             for (name, gid) in branches {
                 let participant = node.participants.get(name)?;
                 let commit = match &decision {
@@ -168,8 +153,59 @@ impl Coordinator {
             }
         }
 
+        // Configured remote participants' prepared branches.
+        let mut remote_prepared = BTreeSet::new();
+        let remotes: Vec<(String, String)> =
+            node.participants.remotes().map(|(n, e)| (n.to_string(), e.to_string())).collect();
+        for (name, endpoint) in remotes {
+            let channel = self.remote_channels.get(&endpoint)?;
+            let branches = match bounded(remote::list_prepared(channel.clone(), &cluster_id)).await {
+                Ok(b) => b,
+                Err(e) => {
+                    listed_all = false;
+                    tracing::warn!(participant = %name, error = %e, "cannot list prepared branches");
+                    continue;
+                }
+            };
+            for branch in branches {
+                let Ok(txid) = TxId::parse(&branch.txid) else { continue };
+                if branch.cluster_id != cluster_id {
+                    continue;
+                }
+                remote_prepared.insert(txid.clone());
+                if self.in_flight(&txid) {
+                    continue;
+                }
+                let decision = self.decision_or_presumed_abort(&txid).await?;
+                let commit = match &decision {
+                    Decision::Commit { branches, .. } => {
+                        let named =
+                            branches.iter().any(|b| b.remote.as_ref().is_some_and(|r| r.branch == branch.branch));
+                        if !named {
+                            tracing::error!(%txid, branch = %branch.branch, participant = %name, "a prepared remote branch the COMMIT does not name; left for an operator");
+                            continue;
+                        }
+                        true
+                    }
+                    Decision::Abort { .. } => false,
+                };
+                let reason = "settled by recovery";
+                match bounded(remote::end_branch(channel.clone(), branch.clone(), commit, reason)).await {
+                    Ok(Phase2::Done) => {
+                        Metrics::add(&self.metrics.reconciled, 1);
+                        tracing::info!(%txid, branch = %branch.branch, participant = %name,
+                            action = if commit { "committed" } else { "rolled back" }, "reconciled a prepared remote branch");
+                    }
+                    Ok(Phase2::GidMissing) => {}
+                    Err(e) => {
+                        tracing::warn!(%txid, branch = %branch.branch, participant = %name, error = %e, "reconciling failed; will retry")
+                    }
+                }
+            }
+        }
+
         // Decided, incomplete transactions.
-        let still_prepared: BTreeSet<&TxId> = prepared.keys().collect();
+        let still_prepared: BTreeSet<&TxId> = prepared.keys().chain(remote_prepared.iter()).collect();
         // Records naming participants this node does not know: one line per
         // round, not one per branch.
         let mut unknown_participants = BTreeSet::new();
@@ -184,7 +220,7 @@ impl Coordinator {
                         let mut all = true;
                         for (i, b) in branches.iter().enumerate() {
                             let gid = Gid::new(&cluster_id, &record.txid, i as u32);
-                            let Ok(participant) = node.participants.get(&b.participant) else {
+                            let Ok(participant) = self.branch_participant(b) else {
                                 unknown_participants.insert(b.participant.clone());
                                 all = false;
                                 continue;
@@ -233,5 +269,19 @@ impl Coordinator {
             );
         }
         Ok(())
+    }
+
+    /// The decision recorded for `txid`, recording ABORT first if there is
+    /// none (presumed abort; the compare-and-set says what really holds).
+    async fn decision_or_presumed_abort(&self, txid: &TxId) -> Result<Decision> {
+        if let Some(record) = self.node.state_machine.get(txid.clone()).await? {
+            return Ok(record.decision);
+        }
+        let reason = "no decision was recorded before its leader stopped (presumed abort)".to_string();
+        let abort = Op::Decide { txid: txid.clone(), decision: Decision::Abort { reason }, info: Default::default() };
+        match self.node.propose(abort).await? {
+            CommandResponse::Decided { record, .. } => Ok(record.decision),
+            other => Err(Error::Internal(format!("unexpected {other:?}"))),
+        }
     }
 }

@@ -11,6 +11,8 @@
 
 pub mod guard;
 pub mod postgres;
+pub mod remote;
+pub mod sdk;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -116,31 +118,60 @@ pub trait Participant: Send + Sync {
     /// How the branch with this xid ended: `Some(true)` committed,
     /// `Some(false)` rolled back, `None` unknown or still in progress.
     async fn branch_outcome(&self, xid: u64) -> Result<Option<bool>>;
+
+    /// Where a remote participant's branch lives, recorded with the COMMIT
+    /// so any leader can finish it; `None` for a configured database.
+    fn remote(&self) -> Option<crate::txn::RemoteBranch> {
+        None
+    }
 }
 
 /// The configured participants, by name.
 #[derive(Clone, Default)]
 pub struct Registry {
     by_name: BTreeMap<String, Arc<dyn Participant>>,
+    /// Configured remote participants: name → endpoint. Their branches are
+    /// enlisted, not opened here.
+    remotes: BTreeMap<String, String>,
 }
 
 impl Registry {
     pub fn from_config(list: &[ParticipantConfig]) -> Result<Self> {
         let mut by_name: BTreeMap<String, Arc<dyn Participant>> = BTreeMap::new();
+        let mut remotes = BTreeMap::new();
         for p in list {
-            let participant: Arc<dyn Participant> = match p.kind {
+            match p.kind {
                 ParticipantKind::Postgres => {
-                    Arc::new(postgres::PostgresParticipant::new(&p.name, &p.url, p.pool_size)?)
+                    let participant = postgres::PostgresParticipant::new(&p.name, &p.url, p.pool_size)?;
+                    by_name.insert(p.name.clone(), Arc::new(participant));
                 }
-            };
-            by_name.insert(p.name.clone(), participant);
+                ParticipantKind::Remote => {
+                    remotes.insert(p.name.clone(), p.url.clone());
+                }
+            }
         }
-        Ok(Self { by_name })
+        Ok(Self { by_name, remotes })
+    }
+
+    /// The endpoint of the configured remote participant `name`.
+    pub fn remote_endpoint(&self, name: &str) -> Option<&str> {
+        self.remotes.get(name).map(String::as_str)
+    }
+
+    /// The configured remote participants: (name, endpoint).
+    pub fn remotes(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.remotes.iter().map(|(n, e)| (n.as_str(), e.as_str()))
     }
 
     /// The participant called `name`, or INVALID_ARGUMENT naming the known
     /// ones.
     pub fn get(&self, name: &str) -> Result<Arc<dyn Participant>> {
+        if let Some(endpoint) = self.remotes.get(name) {
+            return Err(Error::InvalidInput(format!(
+                "participant {name:?} is remote ({endpoint}): its service runs its own work and enlists \
+                 its branch (Transactions.Enlist); Tandem runs no statements on it"
+            )));
+        }
         self.by_name.get(name).cloned().ok_or_else(|| {
             let known: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
             Error::InvalidInput(format!("unknown participant {name:?} (configured: {})", known.join(", ")))

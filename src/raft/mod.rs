@@ -87,10 +87,10 @@ openraft::declare_raft_types!(
 pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
 /// The command encoding this build writes. Version 2 added `Decide.info`,
-/// branch xids and `CompleteBatch`; a version-1 node stops at the first
-/// version-2 entry rather than misread it, so upgrade every node before
-/// the new leader writes.
-pub const COMMAND_VERSION: u32 = 2;
+/// branch xids and `CompleteBatch`; version 3 remote branches
+/// (`Branch.remote`). An older node stops at the first newer entry rather
+/// than misread it, so upgrade every node before the new leader writes.
+pub const COMMAND_VERSION: u32 = 3;
 /// The oldest encoding this build still reads (its new fields default).
 pub const COMMAND_VERSION_MIN: u32 = 1;
 

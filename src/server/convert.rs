@@ -22,6 +22,7 @@ use crate::txn::Branch;
 use crate::txn::Decision;
 use crate::txn::HeuristicBranch;
 use crate::txn::RecordState;
+use crate::txn::RemoteBranch;
 use crate::txn::TxId;
 use crate::txn::TxnInfo;
 use crate::txn::TxnRecord;
@@ -41,7 +42,16 @@ pub fn decision_from_pb(d: Option<pb::Decision>) -> Result<Decision> {
     let kind = d.and_then(|d| d.kind).ok_or_else(|| Error::InvalidInput("decision is missing".into()))?;
     let decision = match kind {
         pb::decision::Kind::Commit(c) => Decision::Commit {
-            branches: c.branches.into_iter().map(|b| Branch { participant: b.participant, xid: b.xid }).collect(),
+            branches: c
+                .branches
+                .into_iter()
+                .map(|b| Branch {
+                    participant: b.participant,
+                    xid: b.xid,
+                    remote: (!b.remote_endpoint.is_empty() || !b.remote_branch.is_empty())
+                        .then_some(RemoteBranch { endpoint: b.remote_endpoint, branch: b.remote_branch }),
+                })
+                .collect(),
             idempotency_key: Some(c.idempotency_key).filter(|k| !k.is_empty()),
         },
         pb::decision::Kind::Abort(a) => Decision::Abort { reason: a.reason },
@@ -53,7 +63,15 @@ pub fn decision_from_pb(d: Option<pb::Decision>) -> Result<Decision> {
 pub fn decision_to_pb(d: &Decision) -> pb::Decision {
     let kind = match d {
         Decision::Commit { branches, idempotency_key } => pb::decision::Kind::Commit(pb::Commit {
-            branches: branches.iter().map(|b| pb::Branch { participant: b.participant.clone(), xid: b.xid }).collect(),
+            branches: branches
+                .iter()
+                .map(|b| pb::Branch {
+                    participant: b.participant.clone(),
+                    xid: b.xid,
+                    remote_endpoint: b.remote.as_ref().map(|r| r.endpoint.clone()).unwrap_or_default(),
+                    remote_branch: b.remote.as_ref().map(|r| r.branch.clone()).unwrap_or_default(),
+                })
+                .collect(),
             idempotency_key: idempotency_key.clone().unwrap_or_default(),
         }),
         Decision::Abort { reason } => pb::decision::Kind::Abort(pb::Abort { reason: reason.clone() }),

@@ -12,10 +12,12 @@ use tonic::Status;
 use super::Node;
 use super::convert;
 use crate::coordinator::Coordinator;
+use crate::coordinator::EnlistSpec;
 use crate::error::Error;
 use crate::error::Result;
 use crate::proto as pb;
 use crate::proto::transactions_client::TransactionsClient;
+use crate::txn::Decision;
 use crate::txn::TxId;
 
 pub struct TransactionsService {
@@ -80,6 +82,30 @@ impl TransactionsService {
         Ok(pb::RollbackResponse {})
     }
 
+    async fn enlist_local(&self, req: &pb::EnlistRequest) -> Result<pb::EnlistResponse> {
+        self.check_size(req.encoded_len())?;
+        self.leader()?;
+        let txid = TxId::parse(&req.txid)?;
+        let spec = EnlistSpec {
+            participant: (!req.participant.is_empty()).then(|| req.participant.clone()),
+            endpoint: (!req.endpoint.is_empty()).then(|| req.endpoint.clone()),
+            branch: req.branch.clone(),
+        };
+        let branch = self.coordinator.enlist(&txid, spec).await?;
+        Ok(pb::EnlistResponse { branch: Some(branch) })
+    }
+
+    async fn get_outcome_local(&self, req: &pb::GetOutcomeRequest) -> Result<pb::GetOutcomeResponse> {
+        self.leader()?;
+        let outcome = self.coordinator.get_outcome(&TxId::parse(&req.txid)?).await?;
+        let (outcome, reason) = match outcome {
+            None => (pb::Outcome::Unspecified, String::new()),
+            Some(Decision::Commit { .. }) => (pb::Outcome::Committed, String::new()),
+            Some(Decision::Abort { reason }) => (pb::Outcome::Aborted, reason),
+        };
+        Ok(pb::GetOutcomeResponse { outcome: outcome as i32, reason })
+    }
+
     async fn get_local(&self, req: &pb::GetTransactionRequest) -> Result<pb::Transaction> {
         self.leader()?;
         let status = self.coordinator.get_transaction(&TxId::parse(&req.txid)?).await?;
@@ -116,6 +142,23 @@ impl pb::transactions_server::Transactions for TransactionsService {
 
     async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::RollbackResponse>, Status> {
         local_or_forward!(self, request, self.rollback_local(request.get_ref()).await, TransactionsClient, rollback)
+    }
+
+    async fn enlist(&self, request: Request<pb::EnlistRequest>) -> Result<Response<pb::EnlistResponse>, Status> {
+        local_or_forward!(self, request, self.enlist_local(request.get_ref()).await, TransactionsClient, enlist)
+    }
+
+    async fn get_outcome(
+        &self,
+        request: Request<pb::GetOutcomeRequest>,
+    ) -> Result<Response<pb::GetOutcomeResponse>, Status> {
+        local_or_forward!(
+            self,
+            request,
+            self.get_outcome_local(request.get_ref()).await,
+            TransactionsClient,
+            get_outcome
+        )
     }
 
     async fn get_transaction(

@@ -101,12 +101,70 @@ pub struct Branch {
     /// phase 2 reaches it, this tells how the branch really ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xid: Option<u64>,
+    /// A remote participant's branch (`participant.proto`): where it is
+    /// reached and the name it was enlisted under. A new leader drives phase
+    /// 2 from this alone, whatever its configuration says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteBranch>,
 }
 
 impl Branch {
     pub fn new(participant: impl Into<String>) -> Self {
-        Self { participant: participant.into(), xid: None }
+        Self { participant: participant.into(), xid: None, remote: None }
     }
+}
+
+/// Longest remote participant endpoint accepted, in bytes.
+pub const ENDPOINT_LEN_MAX: usize = 256;
+
+/// Where a remote branch lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteBranch {
+    /// `http://host:port` (or `https://`) of the service's
+    /// `tandem.v1.Participant`.
+    pub endpoint: String,
+    /// The branch's name within the transaction (`BranchRef.branch`).
+    pub branch: String,
+}
+
+impl RemoteBranch {
+    pub fn validate(&self) -> Result<()> {
+        validate_endpoint(&self.endpoint)?;
+        validate_branch_name(&self.branch)
+    }
+}
+
+/// A remote participant's endpoint: `http://` or `https://`, a host, and
+/// at most [`ENDPOINT_LEN_MAX`] bytes.
+pub fn validate_endpoint(endpoint: &str) -> Result<()> {
+    if endpoint.len() > ENDPOINT_LEN_MAX {
+        return Err(Error::InvalidInput(format!(
+            "endpoint is {} bytes, longer than {ENDPOINT_LEN_MAX}",
+            endpoint.len()
+        )));
+    }
+    let uri: tonic::transport::Uri =
+        endpoint.parse().map_err(|e| Error::InvalidInput(format!("endpoint {endpoint:?} is not a URI: {e}")))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
+        return Err(Error::InvalidInput(format!(
+            "endpoint {endpoint:?} must look like http://host:port or https://host:port"
+        )));
+    }
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(Error::InvalidInput(format!("endpoint {endpoint:?} must have no path")));
+    }
+    Ok(())
+}
+
+/// A remote branch's name: 1 to 64 characters of `[a-z0-9_-]`.
+pub fn validate_branch_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > PARTICIPANT_NAME_LEN_MAX {
+        return Err(Error::InvalidInput(format!("branch name {name:?} must be 1 to {PARTICIPANT_NAME_LEN_MAX} bytes")));
+    }
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-') {
+        return Err(Error::InvalidInput(format!("branch name {name:?} has characters outside [a-z0-9_-]")));
+    }
+    Ok(())
 }
 
 /// What a decision record keeps about its transaction besides the decision:
@@ -200,6 +258,9 @@ impl Decision {
                 }
                 for branch in branches {
                     validate_participant_name(&branch.participant)?;
+                    if let Some(remote) = &branch.remote {
+                        remote.validate()?;
+                    }
                 }
                 if let Some(key) = idempotency_key {
                     validate_idempotency_key(key)?;
@@ -335,6 +396,28 @@ mod tests {
         assert!(TxId::parse("T1").is_err());
         assert!(TxId::parse("t_1").is_err());
         assert!(TxId::parse("t'1").is_err());
+    }
+
+    #[test]
+    fn remote_branch_endpoint_and_name() {
+        let remote = |endpoint: &str, branch: &str| RemoteBranch { endpoint: endpoint.into(), branch: branch.into() };
+        assert!(remote("http://127.0.0.1:7400", "stock").validate().is_ok());
+        assert!(remote("https://inventory.internal:443", "stock_1-a").validate().is_ok());
+        for bad in ["", "127.0.0.1:7400", "ftp://h:1", "http://", "http://h:1/path", "not a uri"] {
+            assert!(remote(bad, "stock").validate().is_err(), "{bad:?}");
+        }
+        assert!(remote(&format!("http://{}:1", "h".repeat(ENDPOINT_LEN_MAX)), "s").validate().is_err());
+        for bad in ["", "Stock", "a b", "a/b", &"b".repeat(PARTICIPANT_NAME_LEN_MAX + 1)] {
+            assert!(remote("http://h:1", bad).validate().is_err(), "{bad:?}");
+        }
+        // A record written before remote branches existed still reads.
+        let old: Branch = serde_json::from_str(r#"{"participant":"a","xid":7}"#).unwrap();
+        assert_eq!(old, Branch { participant: "a".into(), xid: Some(7), remote: None });
+        let commit = Decision::Commit {
+            branches: vec![Branch { remote: Some(remote("nope", "s")), ..Branch::new("s") }],
+            idempotency_key: None,
+        };
+        assert!(commit.validate().is_err(), "a decision with a bad endpoint is refused");
     }
 
     #[test]

@@ -428,7 +428,7 @@ impl Txn {
                 .participants
                 .iter()
                 .zip(&self.branches)
-                .map(|(p, s)| Branch { participant: p.clone(), xid: s.xid() })
+                .map(|(p, s)| Branch { participant: p.clone(), xid: s.xid(), remote: None })
                 .collect(),
             idempotency_key: self.idempotency_key.clone(),
         }

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The remote-participant walk-through: an order lands in `orders` (a
+# PostgreSQL database Tandem manages) and its stock is reserved by an
+# inventory service with its own PostgreSQL (examples/inventory_service.rs,
+# a participant through the SDK), atomically.
+#
+# Two throwaway PostgreSQL servers: `orders` and `inventory`. A local
+# three-node cluster on free ports has `orders` as a participant. The
+# inventory service (seeded with 10 apples) serves tandem.v1.Participant
+# for the coordinator and a small reservation API for the order flow. Then:
+# an order of 3 (committed: the order row and the reservation), an order of
+# 30 (refused by the service: not enough stock; the order row is rolled
+# back with it), the service killed with SIGKILL right after reserving and
+# before Commit (the order aborts; the restarted service keeps nothing of
+# it). At the end the stock must equal 10 minus the committed orders, with
+# no prepared branch left on either server, or the script exits non-zero.
+#
+#   scripts/inventory_demo.sh
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$REPO_ROOT"
+case "${1:-}" in
+    "") ;;
+    *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
+
+export TANDEM_HOME="${TANDEM_HOME:-$REPO_ROOT/.tandem/inventory}"
+port_free() { ! (: </dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
+while :; do
+    TANDEM_PORT_BASE=$((20000 + RANDOM % 40000))
+    port_free $((TANDEM_PORT_BASE + 1)) && port_free $((TANDEM_PORT_BASE + 2)) &&
+        port_free $((TANDEM_PORT_BASE + 3)) && port_free $((TANDEM_PORT_BASE + 4)) &&
+        port_free $((TANDEM_PORT_BASE + 5)) && break
+done
+export TANDEM_PORT_BASE
+export TANDEM_NODES="127.0.0.1:$((TANDEM_PORT_BASE + 1)),127.0.0.1:$((TANDEM_PORT_BASE + 2)),127.0.0.1:$((TANDEM_PORT_BASE + 3))"
+PARTICIPANT_ADDR="127.0.0.1:$((TANDEM_PORT_BASE + 4))" API_ADDR="127.0.0.1:$((TANDEM_PORT_BASE + 5))"
+cluster() { "$REPO_ROOT/scripts/cluster.sh" "$@"; }
+
+build_tandem
+log "building the example inventory service"
+cargo build --example inventory_service --features failpoints --quiet
+INVENTORY="$CARGO_TARGET_DIR/debug/examples/inventory_service"
+source "$REPO_ROOT/scripts/pg.sh"
+pg_init
+service_pid=""
+finish() {
+    [ -z "$service_pid" ] || kill "$service_pid" 2>/dev/null || true
+    cluster down >/dev/null 2>&1 || true
+    pg_stop_all
+}
+trap finish EXIT
+
+pg_start orders
+pg_start inventory
+pg_sql orders orders "CREATE TABLE orders (id bigserial PRIMARY KEY, txid text NOT NULL, sku text NOT NULL, qty int NOT NULL)"
+printf '[[participants]]\nname = "orders"\nkind = "postgres"\nurl = "postgres://postgres@127.0.0.1:%s/orders"\n' \
+    "${PORT[orders]}" >"$PGDIR/participants.toml"
+cluster wipe >/dev/null
+cluster up --participants "$PGDIR/participants.toml" >/dev/null
+
+serve() {
+    local seed=()
+    [ -z "${1:-}" ] || seed=(--seed "$1")
+    "$INVENTORY" serve --db "postgres://postgres@127.0.0.1:${PORT[inventory]}/inventory" \
+        --listen "$PARTICIPANT_ADDR" --api "$API_ADDR" "${seed[@]}" --resolve-interval-s 1 \
+        >>"$TANDEM_HOME/inventory.log" 2>&1 &
+    service_pid=$!
+    for _ in $(seq 1 100); do
+        port_free "${API_ADDR#*:}" || return 0
+        sleep 0.1
+    done
+    echo "the inventory service did not start; see $TANDEM_HOME/inventory.log" >&2
+    exit 1
+}
+order() { "$INVENTORY" order --sku apple --qty "$1" --orders-participant orders --inventory "$API_ADDR" "${@:2}"; }
+stock() { "$INVENTORY" stock --sku apple --inventory "$API_ADDR"; }
+orders() { pg_sql orders orders "SELECT coalesce(sum(qty), 0) FROM orders"; }
+prepared() { pg_sql "$1" postgres "SELECT count(*) FROM pg_prepared_xacts"; }
+
+mkdir -p "$TANDEM_HOME"
+serve apple=10
+echo "stock before: $(stock)"
+
+echo
+echo "== an order of 3 apples"
+order 3
+echo "stock: $(stock); apples ordered: $(orders)"
+
+echo
+echo "== an order of 30 apples"
+if order 30; then
+    echo "an order beyond the stock committed" >&2
+    exit 1
+fi
+echo "stock: $(stock); apples ordered: $(orders)"
+
+echo
+echo "== the inventory service killed after reserving 2, before Commit"
+order 2 --pause-before-commit 3 &
+order_pid=$!
+sleep 1.5
+kill -9 "$service_pid"
+service_pid=""
+wait "$order_pid" && { echo "the order committed without its reservation" >&2; exit 1; }
+serve ""
+sleep 2
+echo "stock: $(stock); apples ordered: $(orders)"
+
+stock_left=$(stock | grep -o '[0-9]* available' | grep -o '[0-9]*')
+ordered=$(orders)
+left_orders=$(prepared orders) left_inventory=$(prepared inventory)
+echo
+echo "apples: $stock_left in stock + $ordered ordered (10 at the start); prepared branches left: $left_orders + $left_inventory"
+if ((stock_left + ordered != 10 || left_orders + left_inventory != 0)); then
+    echo "NOT ATOMIC" >&2
+    exit 1
+fi
+echo "atomic: every order has its stock, and no stock is reserved without its order"
