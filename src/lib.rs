@@ -7,18 +7,19 @@
 //!
 //! The crate holds the replicated, durable *decision log* and the cluster
 //! that keeps it, and on top two-phase commit across PostgreSQL
-//! participants: one-shot `Transact`, interactive `Begin`/`Execute`/
-//! `Commit`/`Rollback`, `GetTransaction`/`ListTransactions`, and recovery on
-//! every new leader.
+//! participants and remote services: one-shot `Transact`, interactive
+//! `Begin`/`Execute`/`Enlist`/`Commit`/`Rollback`, `GetTransaction`/
+//! `ListTransactions`, `GetOutcome` for participants in doubt, and recovery
+//! on every new leader.
 //!
 //! # Module map
 //!
 //! | module | what it holds |
 //! |---|---|
 //! | [`txn`] | the transaction model: txids, decisions, records, gids, the 2PC state machine (no I/O) |
-//! | [`participant`] | the participant adapter trait and the PostgreSQL adapter |
+//! | [`participant`] | the participant adapter trait, the PostgreSQL adapter, remote branches (`participant.proto`) and the SDK for services ([`participant::sdk`]) |
 //! | [`raft`] | openraft wiring: RocksDB log and state machine, node-to-node gRPC |
-//! | [`coordinator`] | the 2PC driver on the leader: one-shot and interactive transactions, their status, recovery, COMPLETE batching, counters |
+//! | [`coordinator`] | the 2PC driver on the leader: one-shot and interactive transactions, `Enlist` and `GetOutcome`, their status, recovery, COMPLETE batching, counters |
 //! | [`server`] | the node process: gRPC services, forwarding to the leader, upkeep |
 //! | [`client`] | the Rust client: any node, follows the leader, safe retries |
 //! | [`workload`] | the bank workload and the checker of its invariants (`tandem workload`, `scripts/chaos.sh`) |
