@@ -29,12 +29,10 @@ port_free() { ! (: </dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
 while :; do
     TANDEM_PORT_BASE=$((20000 + RANDOM % 40000))
     port_free $((TANDEM_PORT_BASE + 1)) && port_free $((TANDEM_PORT_BASE + 2)) &&
-        port_free $((TANDEM_PORT_BASE + 3)) && port_free $((TANDEM_PORT_BASE + 4)) &&
-        port_free $((TANDEM_PORT_BASE + 5)) && break
+        port_free $((TANDEM_PORT_BASE + 3)) && break
 done
 export TANDEM_PORT_BASE
 export TANDEM_NODES="127.0.0.1:$((TANDEM_PORT_BASE + 1)),127.0.0.1:$((TANDEM_PORT_BASE + 2)),127.0.0.1:$((TANDEM_PORT_BASE + 3))"
-PARTICIPANT_ADDR="127.0.0.1:$((TANDEM_PORT_BASE + 4))" API_ADDR="127.0.0.1:$((TANDEM_PORT_BASE + 5))"
 cluster() { "$REPO_ROOT/scripts/cluster.sh" "$@"; }
 
 build_tandem
@@ -58,6 +56,12 @@ printf '[[participants]]\nname = "orders"\nkind = "postgres"\nurl = "postgres://
     "${PORT[orders]}" >"$PGDIR/participants.toml"
 cluster wipe >/dev/null
 cluster up --participants "$PGDIR/participants.toml" >/dev/null
+# The service's two ports, chosen once everything else listens.
+PARTICIPANT_ADDR="127.0.0.1:$(pg_free_port)"
+while :; do
+    API_ADDR="127.0.0.1:$(pg_free_port)"
+    [ "$API_ADDR" != "$PARTICIPANT_ADDR" ] && break
+done
 
 serve() {
     local seed=()

@@ -356,6 +356,9 @@ impl NodeConfig {
                 "retention.completed_retention_s must be at least {COMPLETED_RETENTION_S_MIN} (longer than the longest transaction)"
             ));
         }
+        if self.coordinator.remote_prepare_timeout_ms == 0 {
+            return invalid("coordinator.remote_prepare_timeout_ms must be above 0".to_string());
+        }
         let mut names = std::collections::BTreeSet::new();
         for p in &self.participants {
             crate::txn::validate_participant_name(&p.name)?;

@@ -490,6 +490,11 @@ async fn abort_before_prepare_and_prepare_after_abort() {
         let r = participant.prepare(prepare("dup3")).await.unwrap().into_inner();
         assert_eq!(r.vote, pb::Vote::Prepared as i32, "{r:?}");
     }
+    // The service's own code asking for the prepared branch again is
+    // refused, and leaves it prepared.
+    assert!(inventory.resource.begin(&id).await.is_err(), "a prepared branch must not begin again");
+    let r = participant.prepare(prepare("dup3")).await.unwrap().into_inner();
+    assert_eq!(r.vote, pb::Vote::Prepared as i32, "{r:?}");
     for _ in 0..2 {
         let r = participant.commit(pb::CommitBranchRequest { branch: branch("dup3") }).await.unwrap().into_inner();
         assert_eq!(r.result, pb::Phase2Result::Done as i32);
@@ -587,6 +592,8 @@ async fn faults_between_coordinator_and_participant_keep_atomicity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn participant_restarted_while_prepared_asks_the_outcome() {
     let mut shop = Shop::start("").await;
+    // Only the restarted service's resolver may settle the branch early.
+    shop.inventory.resolver.take().unwrap().abort();
     let leader = shop.cluster.leader().await;
     shop.cluster
         .pinned(leader)
@@ -624,6 +631,19 @@ async fn participant_restarted_while_prepared_asks_the_outcome() {
     assert!(shop.inventory.reservations().await.contains_key(txid.as_str()));
     shop.check_atomic().await;
     assert!(shop.order_rows().await.contains(txid.as_str()));
+    // The coordinator's own Commit arrives once the fail point lets it go,
+    // finds the branch committed, and the transaction completes.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let record = shop.cluster.client().get_record(&txid, false).await.unwrap().unwrap();
+        if record.completed_unix_ms.is_some() {
+            assert!(record.heuristic.is_empty(), "{record:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the transaction never completed: {record:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    shop.check_atomic().await;
 }
 
 /// The leader dies with the remote branch prepared: after COMMIT is
@@ -632,6 +652,10 @@ async fn participant_restarted_while_prepared_asks_the_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_with_remote_branches_prepared() {
     let mut shop = Shop::start("").await;
+    // No resolver: the new leader alone must settle the remote branch (from
+    // the COMMIT record, whose endpoint is the enlisted one, or through
+    // ListPrepared on the configured participant).
+    shop.inventory.resolver.take().unwrap().abort();
     for (point, commits) in
         [("coordinator::after_commit_decision", true), ("coordinator::before_commit_decision", false)]
     {

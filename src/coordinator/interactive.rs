@@ -97,7 +97,8 @@ impl Coordinator {
                 "transaction {txid} passed its deadline and was rolled back"
             )));
         }
-        let branch = match open.participants.iter().position(|p| p.name() == participant) {
+        // Statements go to configured databases, never to an enlisted branch.
+        let branch = match open.participants.iter().position(|p| p.name() == participant && p.remote().is_none()) {
             Some(b) => b,
             None => {
                 let p = self.node.participants.get(participant).or_else(|e| self.refuse(e))?;

@@ -51,11 +51,19 @@ impl Coordinator {
         let cluster_id = self.node.config.cluster_id.clone();
         let branch_ref =
             pb::BranchRef { cluster_id: cluster_id.clone(), txid: txid.to_string(), branch: remote.branch.clone() };
+        if self.node.participants.get(&name).is_ok() {
+            return self.refuse(Error::InvalidInput(format!(
+                "branch name {name:?} is a configured participant's name; choose another"
+            )));
+        }
         let Some(live) = self.live_get(txid) else { return Err(self.not_open(txid).await) };
-        // Connect before holding the transaction: a slow endpoint must not
-        // block the transaction's other calls.
-        let within = PROBE_TIMEOUT.min(live.deadline.saturating_duration_since(Instant::now()));
-        RemoteChannels::probe(&remote.endpoint, within).await?;
+        let repeat = live.view.lock().is_ok_and(|v| v.participants.iter().any(|p| p == &name));
+        if !repeat {
+            // Connect before holding the transaction: a slow endpoint must
+            // not block the transaction's other calls.
+            let within = PROBE_TIMEOUT.min(live.deadline.saturating_duration_since(Instant::now()));
+            RemoteChannels::probe(&remote.endpoint, within).await?;
+        }
 
         let mut slot = live.open.lock().await;
         let Some(open) = slot.as_mut() else { return Err(self.not_open(txid).await) };

@@ -40,6 +40,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 /// …up to this.
 const RETRY_MAX: Duration = Duration::from_secs(1);
+/// The longest one `Prepare` attempt may take.
+const PREPARE_ATTEMPT_MAX: Duration = Duration::from_secs(5);
 /// How long the `Abort` of a branch rolled back before PREPARE is retried.
 const ABORT_RETRY_FOR: Duration = Duration::from_secs(120);
 
@@ -58,9 +60,15 @@ impl RemoteChannels {
             return Ok(c.clone());
         }
         crate::txn::validate_endpoint(endpoint)?;
+        // Keep-alives find a connection that died silently (a NAT, a load
+        // balancer), so that retries do not all wait on it.
         let channel = Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| Error::InvalidInput(format!("endpoint {endpoint:?}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_keepalive(Some(Duration::from_secs(10)))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
             .connect_lazy();
         if map.len() >= CHANNELS_MAX {
             map.clear();
@@ -158,8 +166,15 @@ impl RemoteBranchParticipant {
         loop {
             let mut client = self.client();
             let call = client.prepare(request.clone());
-            match tokio::time::timeout_at(deadline, call).await {
-                Err(_) => break,
+            // One attempt may not use up the whole budget: a call stuck on a
+            // dead connection is given up and tried again.
+            let attempt_deadline = deadline.min(tokio::time::Instant::now() + PREPARE_ATTEMPT_MAX);
+            match tokio::time::timeout_at(attempt_deadline, call).await {
+                Err(_) if attempt_deadline >= deadline => break,
+                Err(_) => {
+                    last_error = format!("no answer in {PREPARE_ATTEMPT_MAX:?}");
+                    continue;
+                }
                 Ok(Ok(answer)) => {
                     let answer = answer.into_inner();
                     return match pb::Vote::try_from(answer.vote) {

@@ -540,6 +540,53 @@ impl Resource for PgResource {
         if self.inner.open.lock().expect("open branches poisoned").contains_key(id) {
             return Ok(BranchState::Active);
         }
+        self.durable_state(id).await
+    }
+
+    /// Any failure before `PREPARE TRANSACTION` is sent votes ABORT: the
+    /// branch's connection is then closed, which rolls it back. Only a lost
+    /// connection during `PREPARE` itself is an error (outcome unknown; the
+    /// retry reads the state).
+    async fn prepare(&self, id: &BranchId) -> Result<Vote> {
+        let gid = gid(id)?;
+        let conn = match self.inner.take_open(id).await? {
+            Some(Some(conn)) => conn,
+            Some(None) | None => {
+                // Not open (any more): what is durable decides. A branch
+                // found open a moment ago may be one a `begin` was checking
+                // (which refuses a prepared branch): a prepared branch is
+                // never rolled back here.
+                return Ok(match self.durable_state(id).await? {
+                    BranchState::Prepared | BranchState::Committed => Vote::Prepared,
+                    _ => Vote::Abort(format!(
+                        "branch {id} is not open here (never begun, rolled back after being idle, or lost in a restart)"
+                    )),
+                });
+            }
+        };
+        self.prepare_open(id, &gid, conn).await
+    }
+
+    async fn commit(&self, id: &BranchId) -> Result<()> {
+        self.commit_prepared(id).await
+    }
+
+    async fn abort(&self, id: &BranchId) -> Result<()> {
+        self.abort_branch(id).await
+    }
+
+    async fn idle(&self, cluster_id: &str, idle: Duration) -> Result<Vec<BranchId>> {
+        self.idle_branches(cluster_id, idle)
+    }
+
+    async fn prepared(&self, cluster_id: &str) -> Result<Vec<BranchId>> {
+        self.prepared_branches(cluster_id).await
+    }
+}
+
+impl PgResource {
+    /// The branch's state as PostgreSQL holds it, open branches aside.
+    async fn durable_state(&self, id: &BranchId) -> Result<BranchState> {
         let context = format!("reading the state of branch {id}");
         let conn = self.inner.control().await?;
         // Prepared first, then the row, in two statements: once the gid has
@@ -558,20 +605,8 @@ impl Resource for PgResource {
         })
     }
 
-    /// Any failure before `PREPARE TRANSACTION` is sent votes ABORT: the
-    /// branch's connection is then closed, which rolls it back. Only a lost
-    /// connection during `PREPARE` itself is an error (outcome unknown; the
-    /// retry reads the state).
-    async fn prepare(&self, id: &BranchId) -> Result<Vote> {
-        let gid = gid(id)?;
-        let conn = match self.inner.take_open(id).await? {
-            Some(Some(conn)) => conn,
-            Some(None) | None => {
-                return Ok(Vote::Abort(format!(
-                    "branch {id} is not open here (never begun, rolled back after being idle, or lost in a restart)"
-                )));
-            }
-        };
+    /// Prepares the open branch whose connection `conn` is.
+    async fn prepare_open(&self, id: &BranchId, gid: &str, conn: Closing) -> Result<Vote> {
         let c = conn.conn();
         let failed = |e: tokio_postgres::Error| {
             Vote::Abort(match e.as_db_error() {
@@ -632,7 +667,7 @@ impl Resource for PgResource {
         }
     }
 
-    async fn commit(&self, id: &BranchId) -> Result<()> {
+    async fn commit_prepared(&self, id: &BranchId) -> Result<()> {
         let gid = gid(id)?;
         let context = format!("committing branch {id}");
         let conn = self.inner.control().await?;
@@ -655,7 +690,7 @@ impl Resource for PgResource {
         }
     }
 
-    async fn abort(&self, id: &BranchId) -> Result<()> {
+    async fn abort_branch(&self, id: &BranchId) -> Result<()> {
         let gid = gid(id)?;
         let context = format!("aborting branch {id}");
         if let Some(Some(conn)) = self.inner.take_open(id).await? {
@@ -674,7 +709,7 @@ impl Resource for PgResource {
         self.inner.tombstone(id).await
     }
 
-    async fn idle(&self, cluster_id: &str, idle: Duration) -> Result<Vec<BranchId>> {
+    fn idle_branches(&self, cluster_id: &str, idle: Duration) -> Result<Vec<BranchId>> {
         let open = self.inner.open.lock().expect("open branches poisoned");
         // A branch in use (its slot locked) is not idle.
         Ok(open
@@ -687,7 +722,7 @@ impl Resource for PgResource {
             .collect())
     }
 
-    async fn prepared(&self, cluster_id: &str) -> Result<Vec<BranchId>> {
+    async fn prepared_branches(&self, cluster_id: &str) -> Result<Vec<BranchId>> {
         validate_cluster_id(cluster_id)?;
         let conn = self.inner.control().await?;
         let prefix = format!("{GID_MAGIC}_{cluster_id}_");
