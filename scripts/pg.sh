@@ -2,7 +2,8 @@
 # after lib.sh; it changes nothing until a function is called.
 #
 #   pg_init              find the binaries, make $PGDIR (a temp dir)
-#   pg_start NAME        a server on a free port with a database NAME;
+#   pg_start NAME        a server on a free port with a database NAME (more
+#                        server options in PG_EXTRA_OPTS);
 #                        its port goes to PORT[NAME]
 #   pg_sql NAME DB SQL   run SQL, print rows unaligned
 #   pg_restart NAME      pg_ctl restart -m immediate (a crash, as PostgreSQL sees it)
@@ -40,7 +41,7 @@ pg_start() {
     (cd / && "${as_pg[@]}" mkdir "$dir" &&
         "${as_pg[@]}" "$PG_BIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-sync >/dev/null)
     pg_ctl_of "$name" -l "$dir/server.log" -w -t 60 -o \
-        "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_prepared_transactions=64" \
+        "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_prepared_transactions=64 ${PG_EXTRA_OPTS:-}" \
         start >/dev/null
     PORT[$name]=$port
     pg_sql "$name" postgres "CREATE DATABASE $name"

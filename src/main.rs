@@ -42,6 +42,40 @@ enum Command {
     /// Workloads and the checker of their invariants (scripts/chaos.sh).
     #[command(subcommand)]
     Workload(WorkloadCommand),
+    /// The bank-transfer benchmark: Tandem against bare 2PC, two local
+    /// commits and one database, side by side (scripts/bench.sh).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    nodes: Nodes,
+    /// A `[[participants]]` file naming `bench_a` and `bench_b` (the
+    /// cluster's participants, reached directly by the other modes).
+    #[arg(long)]
+    participants: PathBuf,
+    /// Modes, comma-separated: tandem, bare_2pc, non_atomic, single_db,
+    /// decisions_only.
+    #[arg(long, value_delimiter = ',', default_value = "tandem,bare_2pc,non_atomic,single_db,decisions_only")]
+    modes: Vec<String>,
+    /// Client counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    concurrency: Vec<usize>,
+    /// Seconds per mode and client count.
+    #[arg(long, default_value_t = 10)]
+    duration_s: u64,
+    /// Accounts per database.
+    #[arg(long, default_value_t = 100_000)]
+    accounts: i64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw latency against throughput here (SVG).
+    #[arg(long)]
+    svg: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -332,7 +366,43 @@ async fn run(cli: Cli, order: Vec<(&'static str, usize)>) -> Result<()> {
         Command::Log(c) => log(c).await,
         Command::Txn(c) => txn(c, order).await,
         Command::Workload(c) => workload(c).await,
+        Command::Bench(args) => bench(args).await,
     }
+}
+
+async fn bench(args: BenchArgs) -> Result<()> {
+    use tandem::workload::bench;
+    let participants = tandem::config::load_participants_file(&args.participants)?;
+    let find = |name: &str| {
+        participants.iter().find(|p| p.name == name).cloned().ok_or_else(|| {
+            Error::InvalidInput(format!("{} names no participant {name:?}", args.participants.display()))
+        })
+    };
+    let modes = args.modes.iter().map(|m| bench::Mode::parse(m)).collect::<Result<Vec<_>>>()?;
+    let cfg = bench::BenchConfig {
+        nodes: args.nodes.nodes,
+        a: find("bench_a")?,
+        b: find("bench_b")?,
+        modes,
+        concurrency: args.concurrency,
+        duration: Duration::from_secs(args.duration_s.max(1)),
+        accounts: args.accounts.max(1),
+        seed: args.seed,
+    };
+    eprintln!("setting up {} accounts in bench_a and bench_b", cfg.accounts);
+    bench::setup(&cfg).await?;
+    let results = bench::run(&cfg).await?;
+    println!("{}", bench::table(&results));
+    let write = |path: &PathBuf, text: String| {
+        std::fs::write(path, text).map_err(|e| Error::InvalidInput(format!("cannot write {}: {e}", path.display())))
+    };
+    if let Some(path) = &args.json {
+        write(path, bench::json(&results))?;
+    }
+    if let Some(path) = &args.svg {
+        write(path, bench::svg(&results))?;
+    }
+    Ok(())
 }
 
 async fn workload(c: WorkloadCommand) -> Result<()> {

@@ -11,6 +11,7 @@
 //! `scripts/chaos.sh` runs both around a schedule of faults.
 
 pub mod bank;
+pub mod bench;
 pub mod check;
 pub mod proxy;
 

@@ -1,0 +1,495 @@
+//! The benchmark (`tandem bench`, `scripts/bench.sh`): one bank transfer
+//! run several ways, side by side, so Tandem's cost is measured against
+//! what a user would otherwise do, on the same machine in the same run.
+//!
+//! A transfer moves 1 from a random account in database A to a random
+//! account in database B (`bench_balances`, many accounts, so that rows
+//! rarely collide). The modes:
+//! - `tandem`: one `Transact` through the cluster (two branches);
+//! - `bare_2pc`: the client itself runs BEGIN / UPDATE / PREPARE TRANSACTION
+//!   on both databases, then COMMIT PREPARED on both, with no coordinator
+//!   and no durable log: the floor for any 2PC (unsafe; for comparison);
+//! - `non_atomic`: two independent local commits, one per database;
+//! - `single_db`: both accounts in database A, one local transaction (the
+//!   ceiling);
+//! - `decisions_only`: COMMIT decisions through the cluster's decision log
+//!   with no participant work.
+//!
+//! Each mode runs at each concurrency for a fixed time; every worker runs
+//! transfers back to back and records each one's latency.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::Rng;
+use crate::client::Client;
+use crate::config::ParticipantConfig;
+use crate::error::Error;
+use crate::error::Result;
+use crate::proto as pb;
+use crate::txn::Branch;
+use crate::txn::Decision;
+use crate::txn::TxId;
+
+/// What is compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Tandem,
+    Bare2pc,
+    NonAtomic,
+    SingleDb,
+    DecisionsOnly,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 5] = [Mode::Tandem, Mode::Bare2pc, Mode::NonAtomic, Mode::SingleDb, Mode::DecisionsOnly];
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|m| m.name()).collect();
+            Error::InvalidInput(format!("unknown mode {s:?} (modes: {})", names.join(", ")))
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Tandem => "tandem",
+            Mode::Bare2pc => "bare_2pc",
+            Mode::NonAtomic => "non_atomic",
+            Mode::SingleDb => "single_db",
+            Mode::DecisionsOnly => "decisions_only",
+        }
+    }
+}
+
+pub struct BenchConfig {
+    pub nodes: Vec<String>,
+    /// Databases A and B (the first two participants).
+    pub a: ParticipantConfig,
+    pub b: ParticipantConfig,
+    pub modes: Vec<Mode>,
+    pub concurrency: Vec<usize>,
+    /// How long each mode runs at each concurrency.
+    pub duration: Duration,
+    pub accounts: i64,
+    pub seed: u64,
+}
+
+/// One mode at one concurrency.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    pub mode: Mode,
+    pub concurrency: usize,
+    /// Transfers (or decisions) completed per second.
+    pub throughput: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub completed: u64,
+    /// Attempts that failed (aborted or errors); not in the latencies.
+    pub failed: u64,
+}
+
+/// Most concurrent workers of one run.
+pub const CONCURRENCY_MAX: usize = 1024;
+
+/// (Re)creates `bench_balances` in both databases: `accounts` accounts in
+/// each (database A holds both ranges, for `single_db`).
+pub async fn setup(cfg: &BenchConfig) -> Result<()> {
+    for (p, rows) in [(&cfg.a, 2 * cfg.accounts), (&cfg.b, cfg.accounts)] {
+        let c = super::bank::connect(p).await?;
+        c.batch_execute(&format!(
+            "DROP TABLE IF EXISTS bench_balances;
+             CREATE TABLE bench_balances (id bigint PRIMARY KEY, balance bigint NOT NULL);
+             INSERT INTO bench_balances SELECT g, 1000000 FROM generate_series(1, {rows}) g;"
+        ))
+        .await
+        .map_err(|e| crate::participant::postgres::pg_error(&p.name, e))?;
+        // Alone: VACUUM refuses to run in the implicit transaction of a
+        // multi-statement batch.
+        c.batch_execute("VACUUM ANALYZE bench_balances")
+            .await
+            .map_err(|e| crate::participant::postgres::pg_error(&p.name, e))?;
+    }
+    Ok(())
+}
+
+/// Runs every mode at every concurrency, printing progress to stderr.
+pub async fn run(cfg: &BenchConfig) -> Result<Vec<BenchResult>> {
+    if cfg.concurrency.is_empty() || cfg.concurrency.iter().any(|&c| c == 0 || c > CONCURRENCY_MAX) {
+        return Err(Error::InvalidInput(format!("each concurrency must be 1 to {CONCURRENCY_MAX}")));
+    }
+    let mut results = Vec::new();
+    for &mode in &cfg.modes {
+        for &concurrency in &cfg.concurrency {
+            let r = run_one(cfg, mode, concurrency).await?;
+            eprintln!(
+                "{:<15} {:>4} clients: {:>9.1} tx/s  p50 {:>7.2} ms  p99 {:>7.2} ms  p999 {:>7.2} ms  ({} failed)",
+                mode.name(),
+                concurrency,
+                r.throughput,
+                r.p50_ms,
+                r.p99_ms,
+                r.p999_ms,
+                r.failed
+            );
+            results.push(r);
+        }
+    }
+    Ok(results)
+}
+
+async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<BenchResult> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::with_capacity(concurrency);
+    for w in 0..concurrency {
+        let worker = Worker::connect(cfg, mode, w).await?;
+        let (stop, done) = (stop.clone(), done.clone());
+        let mut rng = Rng::new(cfg.seed ^ ((w as u64 + 1) << 32) ^ mode as u64);
+        let accounts = cfg.accounts;
+        workers.push(tokio::spawn(async move {
+            let mut worker = worker;
+            let mut latencies_us = Vec::new();
+            let mut failed = 0u64;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let from = 1 + (rng.next_u64() % accounts as u64) as i64;
+                let to = 1 + (rng.next_u64() % accounts as u64) as i64;
+                let started = Instant::now();
+                match worker.transfer(from, to, w, n).await {
+                    Ok(()) => {
+                        latencies_us.push(started.elapsed().as_micros() as u64);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        if failed <= 3 {
+                            tracing::warn!(mode = mode.name(), worker = w, error = %e, "transfer failed");
+                        }
+                    }
+                }
+            }
+            (latencies_us, failed)
+        }));
+    }
+    let started = Instant::now();
+    let progress = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = done.load(Ordering::Relaxed);
+                eprint!("\r  {} x{concurrency}: {} done, {}/s   ", mode.name(), now, now - last);
+                last = now;
+            }
+        })
+    };
+    tokio::time::sleep(cfg.duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    let mut failed = 0;
+    for w in workers {
+        let (l, f) = w.await.map_err(|e| Error::Internal(format!("a bench worker panicked: {e}")))?;
+        latencies.extend(l);
+        failed += f;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    progress.abort();
+    eprint!("\r{:100}\r", "");
+    latencies.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i] as f64 / 1000.0
+    };
+    Ok(BenchResult {
+        mode,
+        concurrency,
+        throughput: latencies.len() as f64 / elapsed,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
+        completed: latencies.len() as u64,
+        failed,
+    })
+}
+
+/// One worker's connections.
+enum Worker {
+    Tandem(Client),
+    Databases { a: Box<tokio_postgres::Client>, b: Box<tokio_postgres::Client>, mode: Mode, accounts: i64 },
+    Decisions { client: Client, prefix: String },
+}
+
+fn int(i: i64) -> pb::Value {
+    pb::Value { kind: Some(pb::value::Kind::Int64(i)) }
+}
+
+fn statement(sql: &str, id: i64) -> pb::Statement {
+    pb::Statement { sql: sql.into(), params: vec![int(id)] }
+}
+
+const DEBIT: &str = "UPDATE bench_balances SET balance = balance - 1 WHERE id = $1";
+const CREDIT: &str = "UPDATE bench_balances SET balance = balance + 1 WHERE id = $1";
+
+impl Worker {
+    async fn connect(cfg: &BenchConfig, mode: Mode, w: usize) -> Result<Self> {
+        Ok(match mode {
+            Mode::Tandem => Worker::Tandem(Client::new(&cfg.nodes)?),
+            Mode::DecisionsOnly => {
+                // Txids unique across runs: the clock, the worker.
+                let prefix = format!("bench{}w{w}n", crate::server::now_unix_ms());
+                Worker::Decisions { client: Client::new(&cfg.nodes)?, prefix }
+            }
+            Mode::Bare2pc | Mode::NonAtomic | Mode::SingleDb => Worker::Databases {
+                a: Box::new(super::bank::connect(&cfg.a).await?),
+                b: Box::new(super::bank::connect(&cfg.b).await?),
+                mode,
+                accounts: cfg.accounts,
+            },
+        })
+    }
+
+    async fn transfer(&mut self, from: i64, to: i64, w: usize, n: u64) -> Result<()> {
+        let pg = |e: tokio_postgres::Error| crate::participant::postgres::pg_error("bench", e);
+        match self {
+            Worker::Tandem(client) => {
+                let request = pb::TransactRequest {
+                    branches: vec![
+                        pb::BranchRequest { participant: "bench_a".into(), statements: vec![statement(DEBIT, from)] },
+                        pb::BranchRequest { participant: "bench_b".into(), statements: vec![statement(CREDIT, to)] },
+                    ],
+                    timeout_ms: 10_000,
+                    ..Default::default()
+                };
+                let answer = client.transact(request).await?;
+                if answer.outcome != pb::Outcome::Committed as i32 {
+                    return Err(Error::FailedPrecondition(format!("aborted: {}", answer.reason)));
+                }
+                Ok(())
+            }
+            Worker::Decisions { client, prefix } => {
+                let txid = TxId::parse(&format!("{prefix}{n}"))?;
+                let decision = Decision::Commit {
+                    branches: vec![Branch::new("bench_a"), Branch::new("bench_b")],
+                    idempotency_key: None,
+                };
+                client.decide(&txid, &decision).await.map(|_| ())
+            }
+            Worker::Databases { a, b, mode: Mode::Bare2pc, .. } => {
+                let gid = format!("bench_{w}_{n}");
+                let (pa, pb_) = tokio::join!(prepare(a, DEBIT, from, &gid), prepare(b, CREDIT, to, &gid));
+                pa.map_err(pg)?;
+                pb_.map_err(pg)?;
+                let commit = format!("COMMIT PREPARED '{gid}'");
+                let (ca, cb) = tokio::join!(a.batch_execute(&commit), b.batch_execute(&commit));
+                ca.map_err(pg)?;
+                cb.map_err(pg)
+            }
+            Worker::Databases { a, b, mode: Mode::NonAtomic, .. } => {
+                let (pa, pb_): (
+                    [&(dyn tokio_postgres::types::ToSql + Sync); 1],
+                    [&(dyn tokio_postgres::types::ToSql + Sync); 1],
+                ) = ([&from], [&to]);
+                let (da, cb) = tokio::join!(a.execute(DEBIT, &pa), b.execute(CREDIT, &pb_));
+                da.map_err(pg)?;
+                cb.map_err(pg).map(|_| ())
+            }
+            Worker::Databases { a, accounts, .. } => {
+                // single_db: both accounts in A (the credit in its second
+                // range of accounts).
+                a.batch_execute("BEGIN").await.map_err(pg)?;
+                a.execute(DEBIT, &[&from]).await.map_err(pg)?;
+                a.execute(CREDIT, &[&(*accounts + to)]).await.map_err(pg)?;
+                a.batch_execute("COMMIT").await.map_err(pg)
+            }
+        }
+    }
+}
+
+/// One bare-2PC branch: BEGIN, the update, PREPARE TRANSACTION.
+async fn prepare(c: &tokio_postgres::Client, sql: &str, id: i64, gid: &str) -> Result<(), tokio_postgres::Error> {
+    c.batch_execute("BEGIN").await?;
+    c.execute(sql, &[&id]).await?;
+    c.batch_execute(&format!("PREPARE TRANSACTION '{gid}'")).await
+}
+
+/// The results as a table, with Tandem's throughput as a share of bare
+/// 2PC's at the same concurrency.
+pub fn table(results: &[BenchResult]) -> String {
+    let mut out = String::new();
+    writeln!(
+        out,
+        "{:<15} {:>7} {:>11} {:>9} {:>9} {:>9} {:>8} {:>14}",
+        "mode", "clients", "tx/s", "p50 ms", "p99 ms", "p999 ms", "failed", "vs bare 2PC"
+    )
+    .ok();
+    for r in results {
+        let bare = results.iter().find(|b| b.mode == Mode::Bare2pc && b.concurrency == r.concurrency);
+        let ratio = match (r.mode, bare) {
+            (Mode::Tandem, Some(b)) if b.throughput > 0.0 => format!("{:.0}%", 100.0 * r.throughput / b.throughput),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "{:<15} {:>7} {:>11.1} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>14}",
+            r.mode.name(),
+            r.concurrency,
+            r.throughput,
+            r.p50_ms,
+            r.p99_ms,
+            r.p999_ms,
+            r.failed,
+            ratio
+        )
+        .ok();
+    }
+    out
+}
+
+/// `{"results": [...]}`.
+pub fn json(results: &[BenchResult]) -> String {
+    serde_json::json!({ "results": results }).to_string()
+}
+
+/// Latency (p50, log scale) against throughput, one line per mode through
+/// its concurrencies, as an SVG document.
+pub fn svg(results: &[BenchResult]) -> String {
+    const W: f64 = 720.0;
+    const H: f64 = 440.0;
+    const L: f64 = 70.0;
+    const R: f64 = 160.0;
+    const T: f64 = 30.0;
+    const B: f64 = 50.0;
+    let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"];
+    let max_tput = results.iter().map(|r| r.throughput).fold(1.0, f64::max) * 1.05;
+    let lat = |r: &BenchResult| r.p50_ms.max(0.01);
+    let (min_l, max_l) = results.iter().fold((f64::MAX, 0.0f64), |(lo, hi), r| (lo.min(lat(r)), hi.max(lat(r))));
+    let (lo, hi) = (min_l.min(max_l).max(0.01).log10().floor(), max_l.max(0.1).log10().ceil().max(min_l.log10() + 1.0));
+    let x = |t: f64| L + (W - L - R) * t / max_tput;
+    let y = |ms: f64| T + (H - T - B) * (1.0 - (ms.log10() - lo) / (hi - lo));
+    let mut s = String::new();
+    writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
+    )
+    .ok();
+    writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#).ok();
+    writeln!(s, r#"<line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, H - B, W - R, H - B).ok();
+    writeln!(s, r#"<line x1="{L}" y1="{T}" x2="{L}" y2="{}" stroke="black"/>"#, H - B).ok();
+    for i in 0..=4 {
+        let t = max_tput * i as f64 / 4.0;
+        writeln!(s, r#"<text x="{:.1}" y="{}" text-anchor="middle">{:.0}</text>"#, x(t), H - B + 16.0, t).ok();
+    }
+    let mut decade = lo;
+    while decade <= hi {
+        let ms = 10f64.powf(decade);
+        writeln!(s, r#"<text x="{}" y="{:.1}" text-anchor="end">{ms}</text>"#, L - 6.0, y(ms) + 4.0).ok();
+        writeln!(s, r##"<line x1="{L}" y1="{0:.1}" x2="{1}" y2="{0:.1}" stroke="#ddd"/>"##, y(ms), W - R).ok();
+        decade += 1.0;
+    }
+    writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">throughput (transfers/s)</text>"#,
+        (L + W - R) / 2.0,
+        H - 12.0
+    )
+    .ok();
+    writeln!(
+        s,
+        r#"<text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">p50 latency (ms, log)</text>"#,
+        (T + H - B) / 2.0,
+        (T + H - B) / 2.0
+    )
+    .ok();
+    for (i, mode) in Mode::ALL.iter().enumerate() {
+        let points: Vec<&BenchResult> = results.iter().filter(|r| r.mode == *mode).collect();
+        if points.is_empty() {
+            continue;
+        }
+        let color = colors[i % colors.len()];
+        let path: Vec<String> = points.iter().map(|r| format!("{:.1},{:.1}", x(r.throughput), y(lat(r)))).collect();
+        writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#, path.join(" ")).ok();
+        for r in &points {
+            writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"><title>{} x{}</title></circle>"#,
+                x(r.throughput),
+                y(lat(r)),
+                mode.name(),
+                r.concurrency
+            )
+            .ok();
+        }
+        let ly = T + 18.0 * i as f64;
+        writeln!(
+            s,
+            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2"/>"#,
+            W - R + 12.0,
+            W - R + 32.0
+        )
+        .ok();
+        writeln!(s, r#"<text x="{}" y="{}">{}</text>"#, W - R + 38.0, ly + 4.0, mode.name()).ok();
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(mode: Mode, concurrency: usize, throughput: f64, p50_ms: f64) -> BenchResult {
+        BenchResult {
+            mode,
+            concurrency,
+            throughput,
+            p50_ms,
+            p99_ms: p50_ms * 3.0,
+            p999_ms: p50_ms * 5.0,
+            completed: 10,
+            failed: 0,
+        }
+    }
+
+    #[test]
+    fn modes_parse_by_name() {
+        for m in Mode::ALL {
+            assert_eq!(Mode::parse(m.name()).unwrap(), m);
+        }
+        assert!(Mode::parse("fast").is_err());
+    }
+
+    #[test]
+    fn outputs_name_every_result() {
+        let results = vec![
+            result(Mode::Tandem, 1, 50.0, 4.0),
+            result(Mode::Bare2pc, 1, 100.0, 2.0),
+            result(Mode::Tandem, 16, 400.0, 8.0),
+            result(Mode::Bare2pc, 16, 500.0, 6.0),
+        ];
+        let table = table(&results);
+        assert!(table.contains("50%") && table.contains("80%"), "{table}");
+        let json: serde_json::Value = serde_json::from_str(&json(&results)).unwrap();
+        assert_eq!(json["results"][0]["mode"], "tandem");
+        assert_eq!(json["results"][3]["concurrency"], 16);
+        assert!(json["results"][1]["p999_ms"].as_f64().is_some());
+        let svg = svg(&results);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert_eq!(svg.matches("<circle").count(), 4);
+    }
+}
