@@ -36,13 +36,20 @@ pg_sql() { "$PG_BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${PORT[$
 pg_ctl_of() { (cd / && "${as_pg[@]}" "$PG_BIN/pg_ctl" -D "$PGDIR/$1/data" "${@:2}"); }
 
 pg_start() {
-    local name=$1 dir="$PGDIR/$1" port
-    port=$(pg_free_port)
+    local name=$1 dir="$PGDIR/$1" port attempt
     (cd / && "${as_pg[@]}" mkdir "$dir" &&
         "${as_pg[@]}" "$PG_BIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-sync >/dev/null)
-    pg_ctl_of "$name" -l "$dir/server.log" -w -t 60 -o \
-        "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_prepared_transactions=64 ${PG_EXTRA_OPTS:-}" \
-        start >/dev/null
+    # A port that looked free can be taken before the server binds it:
+    # then another port.
+    for attempt in 1 2 3; do
+        port=$(pg_free_port)
+        pg_ctl_of "$name" -l "$dir/server.log" -w -t 60 -o \
+            "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_prepared_transactions=64 ${PG_EXTRA_OPTS:-}" \
+            start >/dev/null && break
+        echo "PostgreSQL for $name did not start on port $port (attempt $attempt); its log ends:" >&2
+        tail -n 5 "$dir/server.log" >&2 || true
+        ((attempt < 3)) || return 1
+    done
     PORT[$name]=$port
     pg_sql "$name" postgres "CREATE DATABASE $name"
     log "PostgreSQL for $name on 127.0.0.1:$port ($dir)"
