@@ -93,7 +93,13 @@ async fn get_outcome_records_abort_before_answering() {
     let mut client = cluster.client();
 
     let unknown = TxId::parse("neverran1").unwrap();
-    assert_eq!(client.get_outcome(&unknown).await.unwrap(), Some(false));
+    match client.get_outcome(&unknown).await {
+        Ok(outcome) => assert_eq!(outcome, Some(false)),
+        Err(e) => {
+            let logs: Vec<String> = (1..=3).map(|id| cluster.log_tail(id)).collect();
+            panic!("GetOutcome failed: {e}\nlogs:\n{}", logs.join("\n---\n"));
+        }
+    }
     // The ABORT is in the log, on every node, so nothing can commit it now.
     let record = client.get_record(&unknown, false).await.unwrap().expect("an ABORT record");
     assert!(matches!(record.decision, Decision::Abort { .. }), "{record:?}");
