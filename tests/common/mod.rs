@@ -299,5 +299,10 @@ impl Drop for TestCluster {
                 child.wait().ok();
             }
         }
+        // A failing test keeps its nodes' logs and data for a look.
+        if std::thread::panicking() {
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir")).keep();
+            eprintln!("the cluster's logs and data are kept in {}", kept.display());
+        }
     }
 }
