@@ -30,14 +30,9 @@ while (($#)); do
 done
 export TANDEM_HOME="${TANDEM_HOME:-$REPO_ROOT/.tandem/bench}"
 JSON=${JSON:-$TANDEM_HOME/results.json} SVG=${SVG:-$TANDEM_HOME/chart.svg}
-port_free() { ! (: </dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
-while :; do
-    TANDEM_PORT_BASE=$((20000 + RANDOM % 40000))
-    port_free $((TANDEM_PORT_BASE + 1)) && port_free $((TANDEM_PORT_BASE + 2)) &&
-        port_free $((TANDEM_PORT_BASE + 3)) && break
-done
-export TANDEM_PORT_BASE
-export TANDEM_NODES="127.0.0.1:$((TANDEM_PORT_BASE + 1)),127.0.0.1:$((TANDEM_PORT_BASE + 2)),127.0.0.1:$((TANDEM_PORT_BASE + 3))"
+pick_port_base
+TANDEM_NODES=$(local_nodes)
+export TANDEM_NODES
 cluster() { "$REPO_ROOT/scripts/cluster.sh" "$@"; }
 
 build_tandem

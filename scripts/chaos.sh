@@ -49,15 +49,7 @@ done
 
 export TANDEM_HOME="${TANDEM_HOME:-$REPO_ROOT/.tandem/chaos}"
 # Ports chosen now (three free in a row), unless TANDEM_PORT_BASE is set.
-port_free() { ! (: </dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
-if [ -z "${TANDEM_PORT_BASE:-}" ]; then
-    while :; do
-        TANDEM_PORT_BASE=$((20000 + RANDOM % 40000))
-        port_free $((TANDEM_PORT_BASE + 1)) && port_free $((TANDEM_PORT_BASE + 2)) &&
-            port_free $((TANDEM_PORT_BASE + 3)) && break
-    done
-fi
-export TANDEM_PORT_BASE
+pick_port_base
 source "$REPO_ROOT/scripts/netns.sh"
 if ((PARTITION_EVERY > 0)); then
     if ! netns_available; then

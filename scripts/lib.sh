@@ -9,6 +9,26 @@ TANDEM_BIN="$CARGO_TARGET_DIR/debug/tandem"
 
 log() { printf '==> %s\n' "$*" >&2; }
 
+port_free() { ! (: </dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
+
+# Exports TANDEM_PORT_BASE, three free ports in a row above it for a local
+# cluster (scripts/cluster.sh), unless it is set already.
+pick_port_base() {
+    if [ -z "${TANDEM_PORT_BASE:-}" ]; then
+        while :; do
+            TANDEM_PORT_BASE=$((20000 + RANDOM % 40000))
+            port_free $((TANDEM_PORT_BASE + 1)) && port_free $((TANDEM_PORT_BASE + 2)) &&
+                port_free $((TANDEM_PORT_BASE + 3)) && break
+        done
+    fi
+    export TANDEM_PORT_BASE
+}
+
+# The local cluster's addresses on loopback, comma-separated.
+local_nodes() {
+    echo "127.0.0.1:$((TANDEM_PORT_BASE + 1)),127.0.0.1:$((TANDEM_PORT_BASE + 2)),127.0.0.1:$((TANDEM_PORT_BASE + 3))"
+}
+
 # Installs the Debian packages the build and the tests need, if missing.
 ensure_build_deps() {
     local missing=()

@@ -87,16 +87,8 @@ impl Coordinator {
             return Err(self.node.not_leader_now());
         }
         let Some(live) = self.live_get(txid) else { return Err(self.not_open(txid).await) };
-        let mut slot = live.open.lock().await;
-        let Some(open) = slot.as_mut() else { return Err(self.not_open(txid).await) };
-        if Instant::now() >= live.deadline {
-            let open = slot.take();
-            drop(slot);
-            self.roll_back_open(&live, open, "the transaction passed its deadline").await;
-            return Err(Error::FailedPrecondition(format!(
-                "transaction {txid} passed its deadline and was rolled back"
-            )));
-        }
+        let mut slot = self.lock_open(txid, &live).await?;
+        let open = slot.as_mut().expect("lock_open checked it is open");
         // Statements go to configured databases, never to an enlisted branch.
         let branch = match open.participants.iter().position(|p| p.name() == participant && p.remote().is_none()) {
             Some(b) => b,
@@ -239,6 +231,28 @@ impl Coordinator {
             CommandResponse::Decided { record, .. } => Ok(outcome_of(txid, &record.decision)),
             other => Err(Error::Internal(format!("unexpected answer to a decision: {other:?}"))),
         }
+    }
+
+    /// The open transaction `live`, locked; refused if it is no longer
+    /// open, and rolled back if it is past its deadline.
+    pub(super) async fn lock_open<'a>(
+        &self,
+        txid: &TxId,
+        live: &'a Live,
+    ) -> Result<tokio::sync::MutexGuard<'a, Option<Open>>> {
+        let mut slot = live.open.lock().await;
+        if slot.is_none() {
+            return Err(self.not_open(txid).await);
+        }
+        if Instant::now() >= live.deadline {
+            let open = slot.take();
+            drop(slot);
+            self.roll_back_open(live, open, "the transaction passed its deadline").await;
+            return Err(Error::FailedPrecondition(format!(
+                "transaction {txid} passed its deadline and was rolled back"
+            )));
+        }
+        Ok(slot)
     }
 
     /// The error for a call on a transaction that is not open here.

@@ -65,16 +65,8 @@ impl Coordinator {
             RemoteChannels::probe(&remote.endpoint, within).await?;
         }
 
-        let mut slot = live.open.lock().await;
-        let Some(open) = slot.as_mut() else { return Err(self.not_open(txid).await) };
-        if Instant::now() >= live.deadline {
-            let open = slot.take();
-            drop(slot);
-            self.roll_back_open(&live, open, "the transaction passed its deadline").await;
-            return Err(Error::FailedPrecondition(format!(
-                "transaction {txid} passed its deadline and was rolled back"
-            )));
-        }
+        let mut slot = self.lock_open(txid, &live).await?;
+        let open = slot.as_mut().expect("lock_open checked it is open");
         for p in &open.participants {
             match p.remote() {
                 Some(r) if r.branch == remote.branch && r.endpoint == remote.endpoint => return Ok(branch_ref),

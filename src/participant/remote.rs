@@ -215,27 +215,7 @@ impl RemoteBranchParticipant {
     }
 
     async fn phase2(&self, gid: &Gid, commit: bool, reason: &str) -> Result<Phase2> {
-        let branch = Some(self.branch_ref(gid));
-        let result = if commit {
-            self.client().commit(pb::CommitBranchRequest { branch }).await.map(|r| r.into_inner().result)
-        } else {
-            self.client()
-                .abort(pb::AbortBranchRequest { branch, reason: reason.to_string() })
-                .await
-                .map(|r| r.into_inner().result)
-        };
-        let verb = if commit { "COMMIT" } else { "ABORT" };
-        match result {
-            Ok(r) => match pb::Phase2Result::try_from(r) {
-                Ok(pb::Phase2Result::Done) => Ok(Phase2::Done),
-                Ok(pb::Phase2Result::UnknownBranch) => Ok(Phase2::GidMissing),
-                _ => Err(Error::Internal(format!("{} answered {verb} with no result ({r})", self.what()))),
-            },
-            Err(s) => Err(Error::Unavailable {
-                message: format!("{}: {verb}: {:?}: {}", self.what(), s.code(), s.message()),
-                leader: None,
-            }),
-        }
+        send_phase2(self.channel.clone(), self.branch_ref(gid), commit, reason, &self.what()).await
     }
 }
 
@@ -349,18 +329,35 @@ pub async fn list_prepared(channel: Channel, cluster_id: &str) -> Result<Vec<pb:
 /// Commits or aborts a configured remote participant's branch found by
 /// [`list_prepared`].
 pub async fn end_branch(channel: Channel, branch: pb::BranchRef, commit: bool, reason: &str) -> Result<Phase2> {
+    let what = format!("branch {}/{}/{}", branch.cluster_id, branch.txid, branch.branch);
+    send_phase2(channel, branch, commit, reason, &what).await
+}
+
+/// Sends `Commit` (or `Abort`) for `branch`; `what` names it in errors.
+async fn send_phase2(
+    channel: Channel,
+    branch: pb::BranchRef,
+    commit: bool,
+    reason: &str,
+    what: &str,
+) -> Result<Phase2> {
     let mut client = ParticipantClient::new(channel);
+    let branch = Some(branch);
     let result = if commit {
-        client.commit(pb::CommitBranchRequest { branch: Some(branch) }).await.map(|r| r.into_inner().result)
+        client.commit(pb::CommitBranchRequest { branch }).await.map(|r| r.into_inner().result)
     } else {
-        client
-            .abort(pb::AbortBranchRequest { branch: Some(branch), reason: reason.to_string() })
-            .await
-            .map(|r| r.into_inner().result)
+        client.abort(pb::AbortBranchRequest { branch, reason: reason.to_string() }).await.map(|r| r.into_inner().result)
     };
+    let verb = if commit { "COMMIT" } else { "ABORT" };
     match result {
-        Ok(r) if r == pb::Phase2Result::UnknownBranch as i32 => Ok(Phase2::GidMissing),
-        Ok(_) => Ok(Phase2::Done),
-        Err(s) => Err(Error::Unavailable { message: format!("{:?}: {}", s.code(), s.message()), leader: None }),
+        Ok(r) => match pb::Phase2Result::try_from(r) {
+            Ok(pb::Phase2Result::Done) => Ok(Phase2::Done),
+            Ok(pb::Phase2Result::UnknownBranch) => Ok(Phase2::GidMissing),
+            _ => Err(Error::Internal(format!("{what} answered {verb} with no result ({r})"))),
+        },
+        Err(s) => Err(Error::Unavailable {
+            message: format!("{what}: {verb}: {:?}: {}", s.code(), s.message()),
+            leader: None,
+        }),
     }
 }
