@@ -5,9 +5,12 @@
 //!   converts to each parameter's type, so a client's integer, timestamp or
 //!   JSON lands in whatever column type the statement needs, and a value that
 //!   does not fit is PostgreSQL's clear error.
-//! - Before PREPARE, the branch records its full transaction id
-//!   (`pg_current_xact_id()`); after it, the branch checks `pg_prepared_xacts`
-//!   for its gid, since PREPARE of a failed transaction rolls back silently.
+//! - The branch reads its full transaction id (`pg_current_xact_id()`) in
+//!   the same query string as its PREPARE, just before it, which also
+//!   proves the transaction had not failed (PREPARE of a failed
+//!   transaction rolls back silently).
+//! - Each pooled connection keeps the statements it ran prepared (at most
+//!   256), so a statement costs one round trip.
 //! - gids are spliced into `PREPARE TRANSACTION '…'` and `COMMIT PREPARED
 //!   '…'` only after [`Gid::validated`]: `[a-z0-9_]`, nothing to escape.
 //! - The server needs `max_prepared_transactions` above 0; [`check`]
@@ -25,6 +28,7 @@ use deadpool_postgres::Object;
 use deadpool_postgres::Pool;
 use deadpool_postgres::RecyclingMethod;
 use tokio_postgres::NoTls;
+use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Format;
 use tokio_postgres::types::IsNull;
@@ -41,6 +45,10 @@ use super::Value;
 use crate::error::Error;
 use crate::error::Result;
 use crate::txn::gid::Gid;
+
+/// Most statements a connection keeps prepared; past it, the cache starts
+/// afresh.
+const STATEMENT_CACHE_MAX: usize = 256;
 
 pub struct PostgresParticipant {
     name: String,
@@ -283,12 +291,23 @@ impl BranchSession for PostgresBranch {
         let conn = self.conn()?;
         let params: Vec<TextParam> = statement.params.iter().map(text_param).collect();
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        let prepared = conn.prepare(&statement.sql).await.map_err(|e| pg_error(&self.participant, e))?;
+        // Each connection keeps its statements prepared, up to a bound; a
+        // statement that failed is prepared afresh next time (its plan may
+        // be stale after a schema change).
+        let cache = &conn.statement_cache;
+        if cache.size() >= STATEMENT_CACHE_MAX {
+            cache.clear();
+        }
+        let failed = |e: tokio_postgres::Error| {
+            cache.remove(&statement.sql, &[]);
+            pg_error(&self.participant, e)
+        };
+        let prepared = conn.prepare_cached(&statement.sql).await.map_err(failed)?;
         if prepared.columns().is_empty() {
-            let n = conn.execute(&prepared, &refs).await.map_err(|e| pg_error(&self.participant, e))?;
+            let n = conn.execute(&prepared, &refs).await.map_err(failed)?;
             return Ok(StatementResult { rows_affected: n, ..Default::default() });
         }
-        let rows = conn.query(&prepared, &refs).await.map_err(|e| pg_error(&self.participant, e))?;
+        let rows = conn.query(&prepared, &refs).await.map_err(failed)?;
         let columns = prepared.columns().iter().map(|c| c.name().to_string()).collect();
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -305,22 +324,21 @@ impl BranchSession for PostgresBranch {
         let gid_text = gid.validated()?;
         let p = self.participant.clone();
         let conn = self.conn()?;
-        // An error here means the transaction already failed: PREPARE would
-        // roll it back; closing the connection does the same.
-        let row = conn.query_one("SELECT pg_current_xact_id()::text", &[]).await.map_err(|e| pg_error(&p, e))?;
-        let xid: Option<u64> = row.get::<_, &str>(0).parse().ok();
-        conn.batch_execute(&format!("PREPARE TRANSACTION '{gid_text}'")).await.map_err(|e| pg_error(&p, e))?;
-        // Out of the transaction now: the connection may go back to the pool.
-        let conn = self.conn.take().expect("checked above");
-        let prepared = conn
-            .query_opt("SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 AND database = current_database()", &[&gid_text])
+        // One round trip: the transaction id, then PREPARE. PREPARE of a
+        // failed transaction would roll it back and still succeed; but in a
+        // failed transaction the SELECT before it fails first, and the rest
+        // of the string is skipped. An error here leaves the transaction
+        // open and the drop guard closes the connection, which rolls it back.
+        let messages = conn
+            .simple_query(&format!("SELECT pg_current_xact_id()::text; PREPARE TRANSACTION '{gid_text}'"))
             .await
             .map_err(|e| pg_error(&p, e))?;
-        if prepared.is_none() {
-            return Err(Error::FailedPrecondition(format!(
-                "{p}: the branch was rolled back instead of prepared (an earlier statement failed)"
-            )));
-        }
+        let xid = messages.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).and_then(|x| x.parse::<u64>().ok()),
+            _ => None,
+        });
+        // Out of the transaction now: the connection may go back to the pool.
+        self.conn.take();
         Ok(Prepared { xid })
     }
 

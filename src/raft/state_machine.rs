@@ -68,7 +68,9 @@ use crate::txn::TxnRecord;
 
 const KEY_LAST_APPLIED: &[u8] = b"last_applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
-const KEY_SNAPSHOT: &[u8] = b"snapshot";
+const KEY_SNAPSHOT_META: &[u8] = b"snapshot_meta";
+const KEY_SNAPSHOT_DATA: &[u8] = b"snapshot_data";
+const KEY_SNAPSHOT_LEGACY: &[u8] = b"snapshot";
 
 /// The decision log, backed by the node's RocksDB.
 #[derive(Clone)]
@@ -86,11 +88,63 @@ struct SnapshotData {
     records: Vec<TxnRecord>,
 }
 
-/// A snapshot as kept in `sm_meta`.
-#[derive(Serialize, Deserialize)]
+/// The current snapshot, kept in `sm_meta` as its meta (JSON, under
+/// `snapshot_meta`) and its data as is (under `snapshot_data`).
 struct StoredSnapshot {
     meta: SnapshotMetaOf<TypeConfig>,
     data: Vec<u8>,
+}
+
+/// How earlier builds kept the snapshot: both parts in one JSON value
+/// under `snapshot`, where the data became an array of numbers, about four
+/// times its size. Still read; replaced by the next snapshot.
+#[derive(Deserialize)]
+struct LegacySnapshot {
+    meta: SnapshotMetaOf<TypeConfig>,
+    data: Vec<u8>,
+}
+
+impl StoredSnapshot {
+    /// The stored snapshot's meta, without reading its data.
+    fn read_meta(db: &DB) -> io::Result<Option<SnapshotMetaOf<TypeConfig>>> {
+        let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
+        match db.get_cf(&cf, KEY_SNAPSHOT_META).map_err(io::Error::other)? {
+            Some(b) => Ok(Some(decode(&b)?)),
+            None => Ok(Self::read_legacy(db)?.map(|s| s.meta)),
+        }
+    }
+
+    fn read(db: &DB) -> io::Result<Option<StoredSnapshot>> {
+        let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
+        let Some(meta) = db.get_cf(&cf, KEY_SNAPSHOT_META).map_err(io::Error::other)? else {
+            return Self::read_legacy(db);
+        };
+        let data = db
+            .get_cf(&cf, KEY_SNAPSHOT_DATA)
+            .map_err(io::Error::other)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "snapshot meta without its data"))?;
+        Ok(Some(StoredSnapshot { meta: decode(&meta)?, data }))
+    }
+
+    fn read_legacy(db: &DB) -> io::Result<Option<StoredSnapshot>> {
+        let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
+        match db.get_cf(&cf, KEY_SNAPSHOT_LEGACY).map_err(io::Error::other)? {
+            Some(b) => {
+                let legacy: LegacySnapshot = decode(&b)?;
+                Ok(Some(StoredSnapshot { meta: legacy.meta, data: legacy.data }))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Adds writing this snapshot (in place of any earlier one) to `batch`.
+    fn put(&self, db: &DB, batch: &mut WriteBatch) -> io::Result<()> {
+        let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
+        batch.put_cf(&cf, KEY_SNAPSHOT_META, encode(&self.meta)?);
+        batch.put_cf(&cf, KEY_SNAPSHOT_DATA, &self.data);
+        batch.delete_cf(&cf, KEY_SNAPSHOT_LEGACY);
+        Ok(())
+    }
 }
 
 impl StateMachine {
@@ -446,22 +500,26 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 None => StoredMembershipOf::<TypeConfig>::default(),
             };
             let records_cf = db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
-            let mut records = Vec::new();
-            for item in snap.iterator_cf(&records_cf, IteratorMode::Start) {
+            // The records are stored as JSON already: the snapshot is
+            // `SnapshotData`'s JSON spliced from them, without decoding.
+            let mut data = b"{\"records\":[".to_vec();
+            for (i, item) in snap.iterator_cf(&records_cf, IteratorMode::Start).enumerate() {
                 let (_, value) = item.map_err(io::Error::other)?;
-                records.push(decode(&value)?);
+                if i > 0 {
+                    data.push(b',');
+                }
+                data.extend_from_slice(&value);
             }
+            data.extend_from_slice(b"]}");
             drop(snap);
-            let data = encode(&SnapshotData { records })?;
             let meta = SnapshotMetaOf::<TypeConfig> { last_log_id, last_membership };
             let stored = StoredSnapshot { meta, data };
             let _guard = lock.lock().map_err(|_| io::Error::other("snapshot lock poisoned"))?;
-            let current: Option<StoredSnapshot> = match db.get_cf(&meta_cf, KEY_SNAPSHOT).map_err(io::Error::other)? {
-                Some(b) => Some(decode(&b)?),
-                None => None,
-            };
-            if current.is_none_or(|c| c.meta.last_log_id < stored.meta.last_log_id) {
-                db.put_cf(&meta_cf, KEY_SNAPSHOT, encode(&stored)?).map_err(io::Error::other)?;
+            let current = StoredSnapshot::read_meta(&db)?;
+            if current.is_none_or(|c| c.last_log_id < stored.meta.last_log_id) {
+                let mut batch = WriteBatch::default();
+                stored.put(&db, &mut batch)?;
+                db.write(batch).map_err(io::Error::other)?;
             }
             Ok(stored)
         })
@@ -547,7 +605,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let meta_cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
             batch.put_cf(&meta_cf, KEY_LAST_APPLIED, encode(&stored.meta.last_log_id)?);
             batch.put_cf(&meta_cf, KEY_MEMBERSHIP, encode(&stored.meta.last_membership)?);
-            batch.put_cf(&meta_cf, KEY_SNAPSHOT, encode(&stored)?);
+            stored.put(&db, &mut batch)?;
             db.write(batch).map_err(io::Error::other)?;
             db.flush_wal(true).map_err(io::Error::other)
         })
@@ -559,15 +617,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>>> {
         let db = self.db.clone();
-        let stored = tokio::task::spawn_blocking(move || -> io::Result<Option<StoredSnapshot>> {
-            let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
-            match db.get_cf(&cf, KEY_SNAPSHOT).map_err(io::Error::other)? {
-                Some(b) => Ok(Some(decode(&b)?)),
-                None => Ok(None),
-            }
-        })
-        .await
-        .map_err(io::Error::other)??;
+        let stored =
+            tokio::task::spawn_blocking(move || -> io::Result<Option<StoredSnapshot>> { StoredSnapshot::read(&db) })
+                .await
+                .map_err(io::Error::other)??;
         Ok(stored.map(|s| SnapshotOf::<TypeConfig, _> { meta: s.meta, snapshot: Cursor::new(s.data) }))
     }
 }
@@ -794,5 +847,30 @@ mod tests {
         assert_eq!(g.one(4, Op::Forget { before_unix_ms: 3 }).await, CommandResponse::Forgotten { count: 1 });
         let current = g.sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta, snap.meta);
+    }
+
+    #[tokio::test]
+    async fn snapshots_of_earlier_builds_are_read_and_replaced() {
+        let mut f = Fixture::new();
+        f.one(1, Op::Decide { txid: txid("t1"), decision: abort(), info: TxnInfo::default() }).await;
+        let built = f.sm.build_snapshot().await.unwrap();
+        let data = built.snapshot.into_inner();
+        // The earlier form: meta and data in one JSON value.
+        let legacy = serde_json::json!({ "meta": built.meta, "data": data });
+        let cf = f.sm.db.cf_handle(cf::SM_META).unwrap();
+        f.sm.db.put_cf(&cf, KEY_SNAPSHOT_LEGACY, serde_json::to_vec(&legacy).unwrap()).unwrap();
+        f.sm.db.delete_cf(&cf, KEY_SNAPSHOT_META).unwrap();
+        f.sm.db.delete_cf(&cf, KEY_SNAPSHOT_DATA).unwrap();
+        let read = f.sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!((read.meta, read.snapshot.into_inner()), (built.meta.clone(), data.clone()));
+
+        f.one(2, Op::Decide { txid: txid("t2"), decision: abort(), info: TxnInfo::default() }).await;
+        let newer = f.sm.build_snapshot().await.unwrap();
+        let cf = f.sm.db.cf_handle(cf::SM_META).unwrap();
+        assert!(f.sm.db.get_cf(&cf, KEY_SNAPSHOT_LEGACY).unwrap().is_none());
+        let read = f.sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(read.meta, newer.meta);
+        let parsed: SnapshotData = decode(&read.snapshot.into_inner()).unwrap();
+        assert_eq!(parsed.records.len(), 2);
     }
 }

@@ -301,7 +301,14 @@ pub async fn run_grpc(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(Error::internal)?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Small answers go out at once: without TCP_NODELAY, Nagle's algorithm
+    // holds them until the peer's delayed ACK, tens of milliseconds.
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |conn| {
+        if let Ok(stream) = &conn {
+            stream.set_nodelay(true).ok();
+        }
+        conn
+    });
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
