@@ -14,7 +14,8 @@
 # the repository. Node N listens on 127.0.0.1:700N (cluster/nodeN.toml), or
 # on TANDEM_PORT_BASE + N when that is set. With TANDEM_NETNS=tdmK and
 # TANDEM_NETNS_NET=10.K (scripts/netns.sh), node N runs in the network
-# namespace tdmK-N and listens on 10.K.N.2.
+# namespace tdmK-N and listens on 10.K.N.2. TANDEM_CONFIG_DIR names another
+# directory of nodeN.toml files (scripts/bench.sh --soak writes its own).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -22,6 +23,7 @@ TANDEM_HOME="${TANDEM_HOME:-$REPO_ROOT/.tandem}"
 NODES=(1 2 3)
 # Node N listens on 127.0.0.1:(TANDEM_PORT_BASE + N), 7001-7003 by default.
 PORT_BASE="${TANDEM_PORT_BASE:-7000}"
+CONFIG_DIR="${TANDEM_CONFIG_DIR:-$REPO_ROOT/cluster}"
 NETNS="${TANDEM_NETNS:-}"
 if [ -n "$NETNS" ]; then
     addr() { echo "$TANDEM_NETNS_NET.$1.2:$((PORT_BASE + $1))"; }
@@ -65,7 +67,7 @@ start_node() {
     local host=()
     [ -z "$NETNS" ] || host=(ip netns exec "$NETNS-$n")
     RUST_LOG="${RUST_LOG:-info,openraft=warn}" nohup "${host[@]}" "$TANDEM_BIN" serve \
-        --config "$REPO_ROOT/cluster/node$n.toml" --data-dir "$(data_dir "$n")" "${extra[@]}" \
+        --config "$CONFIG_DIR/node$n.toml" --data-dir "$(data_dir "$n")" "${extra[@]}" \
         --listen "$(addr "$n")" --advertise "$(addr "$n")" \
         >>"$(log_file "$n")" 2>&1 &
     echo $! >"$(pid_file "$n")"

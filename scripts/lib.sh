@@ -5,7 +5,11 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # One build cache outside the clone, shared by tests, demo and CI, so
 # RocksDB's C++ is compiled once per machine.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tandem/target}"
-TANDEM_BIN="$CARGO_TARGET_DIR/debug/tandem"
+# TANDEM_PROFILE=release (the benchmark's default) builds and runs the
+# optimised binary, without fail points; otherwise the debug one below.
+TANDEM_PROFILE="${TANDEM_PROFILE:-debug}"
+export TANDEM_PROFILE
+TANDEM_BIN="$CARGO_TARGET_DIR/$TANDEM_PROFILE/tandem"
 
 log() { printf '==> %s\n' "$*" >&2; }
 
@@ -61,6 +65,10 @@ ensure_build_deps() {
 # crate once. Production builds (`cargo build --release`) leave them out.
 build_tandem() {
     ensure_build_deps
-    log "building tandem (target dir $CARGO_TARGET_DIR)"
-    (cd "$REPO_ROOT" && cargo build --bin tandem --features failpoints --quiet)
+    log "building tandem ($TANDEM_PROFILE; target dir $CARGO_TARGET_DIR)"
+    if [ "$TANDEM_PROFILE" = release ]; then
+        (cd "$REPO_ROOT" && cargo build --release --bin tandem --quiet)
+    else
+        (cd "$REPO_ROOT" && cargo build --bin tandem --features failpoints --quiet)
+    fi
 }

@@ -21,7 +21,7 @@ mkdir -p "$REPO_ROOT/.tandem"
 "$REPO_ROOT/scripts/inventory_demo.sh" >"$REPO_ROOT/.tandem/inventory_demo.log" 2>&1 ||
     { tail -n 40 "$REPO_ROOT/.tandem/inventory_demo.log"; exit 1; }
 log "the benchmark, briefly (that it runs; its figures mean nothing at this length)"
-"$REPO_ROOT/scripts/bench.sh" --duration 1 --concurrency 1,4 >"$REPO_ROOT/.tandem/bench_smoke.log" 2>&1 ||
+TANDEM_PROFILE=debug "$REPO_ROOT/scripts/bench.sh" --duration 1 --concurrency 1,4 >"$REPO_ROOT/.tandem/bench_smoke.log" 2>&1 ||
     { tail -n 40 "$REPO_ROOT/.tandem/bench_smoke.log"; exit 1; }
 log "a short chaos run (fixed seed): faults under the bank workload, then the checker"
 "$REPO_ROOT/scripts/chaos.sh" --duration 90 --seed 42 --kill-every 20 --pause-every 35 \

@@ -108,9 +108,9 @@ fn default_pool_size() -> usize {
     16
 }
 
-/// The shortest retention of completed records: well past the longest
-/// transaction timeout (`coordinator::driver::TIMEOUT_MAX`, 10 minutes).
-pub const COMPLETED_RETENTION_S_MIN: u64 = 1800;
+/// The shortest retention of completed records, whatever the longest
+/// transaction timeout.
+pub const COMPLETED_RETENTION_S_MIN: u64 = 60;
 
 /// Most connections one participant's pool may hold.
 pub const POOL_SIZE_MAX: usize = 1024;
@@ -351,9 +351,12 @@ impl NodeConfig {
         // A record must outlive any driver still working on its transaction
         // (a deposed leader's, up to the longest transaction timeout), or a
         // late COMMIT could find no record and win.
-        if self.retention.completed_retention_s < COMPLETED_RETENTION_S_MIN {
+        // Twice the longest timeout leaves that driver its retries of the
+        // proposal after the timeout.
+        let retention_min = COMPLETED_RETENTION_S_MIN.max(2 * c.timeout_max_ms.div_ceil(1000));
+        if self.retention.completed_retention_s < retention_min {
             return invalid(format!(
-                "retention.completed_retention_s must be at least {COMPLETED_RETENTION_S_MIN} (longer than the longest transaction)"
+                "retention.completed_retention_s must be at least {retention_min}: twice coordinator.timeout_max_ms, and at least {COMPLETED_RETENTION_S_MIN}"
             ));
         }
         if self.coordinator.remote_prepare_timeout_ms == 0 {

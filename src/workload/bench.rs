@@ -79,6 +79,9 @@ pub struct BenchConfig {
     pub concurrency: Vec<usize>,
     /// How long each mode runs at each concurrency.
     pub duration: Duration,
+    /// Instead of `duration`: run each point until this many transfers are
+    /// done (the long run: throughput early against late).
+    pub transactions: Option<u64>,
     pub accounts: i64,
     pub seed: u64,
 }
@@ -96,6 +99,36 @@ pub struct BenchResult {
     pub completed: u64,
     /// Attempts that failed (aborted or errors); not in the latencies.
     pub failed: u64,
+    /// Runs of at least twice [`WINDOW`] transfers: the throughput over the
+    /// first and over the last [`WINDOW`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_window_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_window_per_s: Option<f64>,
+}
+
+/// The stretch of a long run whose throughput is compared, early and late.
+pub const WINDOW: u64 = 100_000;
+
+/// When the count of done transfers passed `n`, interpolated between the
+/// progress samples `(seconds, done)`.
+fn time_at(samples: &[(f64, u64)], n: u64) -> Option<f64> {
+    let i = samples.iter().position(|&(_, done)| done >= n)?;
+    if i == 0 {
+        return Some(samples[0].0);
+    }
+    let ((t0, d0), (t1, d1)) = (samples[i - 1], samples[i]);
+    Some(t0 + (t1 - t0) * (n - d0) as f64 / (d1 - d0) as f64)
+}
+
+/// Throughput over the first and the last [`WINDOW`] transfers of a run
+/// of `total`, if it is long enough.
+fn windows(samples: &[(f64, u64)], total: u64) -> (Option<f64>, Option<f64>) {
+    if total < 2 * WINDOW {
+        return (None, None);
+    }
+    let rate = |from: u64, to: u64| Some(WINDOW as f64 / (time_at(samples, to)? - time_at(samples, from)?));
+    (rate(0, WINDOW), rate(total - WINDOW, total))
 }
 
 /// Most concurrent workers of one run.
@@ -141,6 +174,13 @@ pub async fn run(cfg: &BenchConfig) -> Result<Vec<BenchResult>> {
                 r.p999_ms,
                 r.failed
             );
+            if let (Some(first), Some(last)) = (r.first_window_per_s, r.last_window_per_s) {
+                eprintln!(
+                    "{:<15} first {WINDOW} transfers {first:.1}/s, last {WINDOW} {last:.1}/s ({:+.1}%)",
+                    "",
+                    100.0 * (last - first) / first
+                );
+            }
             results.push(r);
         }
     }
@@ -150,6 +190,7 @@ pub async fn run(cfg: &BenchConfig) -> Result<Vec<BenchResult>> {
 async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<BenchResult> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
+    let limit = cfg.transactions.unwrap_or(u64::MAX);
     let mut workers = Vec::with_capacity(concurrency);
     for w in 0..concurrency {
         let worker = Worker::connect(cfg, mode, w).await?;
@@ -169,7 +210,9 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
                 match worker.transfer(from, to, w, n).await {
                     Ok(()) => {
                         latencies_us.push(started.elapsed().as_micros() as u64);
-                        done.fetch_add(1, Ordering::Relaxed);
+                        if done.fetch_add(1, Ordering::Relaxed) + 1 >= limit {
+                            stop.store(true, Ordering::Relaxed);
+                        }
                     }
                     Err(e) => {
                         failed += 1;
@@ -183,20 +226,32 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         }));
     }
     let started = Instant::now();
+    // Samples of (seconds, done) every 200 ms; progress every second.
     let progress = {
-        let done = done.clone();
+        let (done, stop) = (done.clone(), stop.clone());
+        let deadline = cfg.transactions.is_none().then(|| started + cfg.duration);
         tokio::spawn(async move {
+            let mut samples = vec![(0.0, 0)];
             let mut last = 0;
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            tick.tick().await;
             loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tick.tick().await;
                 let now = done.load(Ordering::Relaxed);
-                eprint!("\r  {} x{concurrency}: {} done, {}/s   ", mode.name(), now, now - last);
-                last = now;
+                samples.push((started.elapsed().as_secs_f64(), now));
+                if samples.len() % 5 == 1 {
+                    eprint!("\r  {} x{concurrency}: {} done, {}/s   ", mode.name(), now, now - last);
+                    last = now;
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return samples;
+                }
             }
         })
     };
-    tokio::time::sleep(cfg.duration).await;
-    stop.store(true, Ordering::Relaxed);
     let mut latencies = Vec::new();
     let mut failed = 0;
     for w in workers {
@@ -205,7 +260,9 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         failed += f;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    progress.abort();
+    let mut samples = progress.await.map_err(|e| Error::Internal(format!("the bench progress task failed: {e}")))?;
+    samples.push((elapsed, latencies.len() as u64));
+    let (first_window_per_s, last_window_per_s) = windows(&samples, latencies.len() as u64);
     eprint!("\r{:100}\r", "");
     latencies.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -224,6 +281,8 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         p999_ms: pct(0.999),
         completed: latencies.len() as u64,
         failed,
+        first_window_per_s,
+        last_window_per_s,
     })
 }
 
@@ -462,7 +521,25 @@ mod tests {
             p999_ms: p50_ms * 5.0,
             completed: 10,
             failed: 0,
+            first_window_per_s: None,
+            last_window_per_s: None,
         }
+    }
+
+    #[test]
+    fn windows_compare_early_and_late_throughput() {
+        // 1,000 per second for 100 s, then 500 per second.
+        let samples: Vec<(f64, u64)> =
+            (0..=300).map(|t| (t as f64, if t <= 100 { 1000 * t } else { 100_000 + 500 * (t - 100) })).collect();
+        let (first, last) = windows(&samples, 200_000);
+        assert!((first.unwrap() - 1000.0).abs() < 1e-6, "{first:?}");
+        assert!((last.unwrap() - 500.0).abs() < 1e-6, "{last:?}");
+        // Window ends between samples are interpolated.
+        let sparse: Vec<(f64, u64)> = (0..=50).map(|i| (7.0 * i as f64, 5600 * i)).collect();
+        let (first, last) = windows(&sparse, 250_000);
+        assert!((first.unwrap() - 800.0).abs() < 1e-6 && (last.unwrap() - 800.0).abs() < 1e-6, "{first:?} {last:?}");
+        assert_eq!(windows(&samples, 2 * WINDOW - 1), (None, None));
+        assert_eq!(time_at(&samples, 2_000_000), None);
     }
 
     #[test]
