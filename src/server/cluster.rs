@@ -30,6 +30,21 @@ impl ClusterService {
         Self { node, coordinator }
     }
 
+    /// The coordinator's counters and the Raft log's: entries and appends
+    /// written, and the fsyncs that made them durable (group commit shows
+    /// as many entries per fsync).
+    fn counters(&self) -> std::collections::HashMap<String, u64> {
+        let log = &self.node.log_stats;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let mut counters = self.coordinator.metrics.snapshot();
+        counters.extend([
+            ("log_entries_appended", get(&log.entries)),
+            ("log_appends", get(&log.appends)),
+            ("log_fsyncs", get(&log.fsyncs)),
+        ]);
+        counters.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+
     fn membership_response(&self, resp: openraft::raft::ClientWriteResponse<TypeConfig>) -> pb::MembershipResponse {
         let mut out = pb::MembershipResponse { log_index: resp.log_id.index, ..Default::default() };
         if let Some(m) = resp.membership {
@@ -107,7 +122,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             initialized: !voters.is_empty(),
             records: self.node.state_machine.record_count_estimate().await?,
             transactions_in_flight: self.coordinator.in_flight_count() as u64,
-            counters: self.coordinator.metrics.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            counters: self.counters(),
             ..Default::default()
         };
         for (id, node) in membership.nodes() {

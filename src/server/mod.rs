@@ -77,6 +77,8 @@ pub struct Node {
     pub config: NodeConfig,
     pub raft: Raft,
     pub state_machine: StateMachine,
+    /// The Raft log's append and fsync counters.
+    pub log_stats: Arc<crate::raft::log_store::LogStats>,
     pub peers: PeerChannels,
     pub participants: Registry,
 }
@@ -262,6 +264,7 @@ pub async fn serve(config: NodeConfig) -> Result<()> {
 /// background: a participant that is down must not stop the node).
 pub async fn start(config: NodeConfig) -> Result<Arc<Node>> {
     let (log_store, state_machine) = crate::raft::open_store(&config.data_dir)?;
+    let log_stats = log_store.stats();
     let raft_config = Arc::new(crate::raft::raft_config(&config)?);
     let peers = PeerChannels::default();
     let raft = Raft::new(
@@ -277,7 +280,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<Node>> {
     let participants = Registry::from_config(&config.participants)?;
     let checked = participants.clone();
     tokio::spawn(async move { checked.check_all().await });
-    Ok(Arc::new(Node { config, raft, state_machine, peers, participants }))
+    Ok(Arc::new(Node { config, raft, state_machine, log_stats, peers, participants }))
 }
 
 /// Serves every gRPC service of `node` on `listener` until `shutdown`.
