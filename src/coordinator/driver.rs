@@ -391,6 +391,29 @@ fn base36(mut n: u64) -> String {
     String::from_utf8(out).expect("ASCII digits")
 }
 
+/// When a transaction passed the points of [`Metrics`]' time split.
+struct PhaseClock {
+    started: Instant,
+    prepared: Option<Instant>,
+    decided: Option<Instant>,
+}
+
+impl PhaseClock {
+    fn new() -> Self {
+        Self { started: Instant::now(), prepared: None, decided: None }
+    }
+
+    /// Adds a committed transaction's split to the metrics.
+    fn record(&self, metrics: &Metrics) {
+        let (Some(prepared), Some(decided)) = (self.prepared, self.decided) else { return };
+        let us = |from: Instant, to: Instant| to.saturating_duration_since(from).as_micros() as u64;
+        Metrics::add(&metrics.timed_commits, 1);
+        Metrics::add(&metrics.prepare_us, us(self.started, prepared));
+        Metrics::add(&metrics.decide_us, us(prepared, decided));
+        Metrics::add(&metrics.phase2_us, us(decided, Instant::now()));
+    }
+}
+
 /// What reaches the driver: the state machine's events, or news that the
 /// decision could not be recorded.
 enum Input {
@@ -438,16 +461,26 @@ impl Driver {
             })
         };
         let mut actions = self.machine.step(Event::CommitRequested);
+        let mut clock = PhaseClock::new();
         loop {
             self.publish(None);
             for action in actions {
+                if matches!(action, Action::ProposeDecision(_)) {
+                    clock.prepared = Some(Instant::now());
+                }
                 self.perform(action, &events).await;
             }
             if self.machine.phase() == Phase::Done {
+                if self.machine.decided_commit() {
+                    clock.record(&self.coordinator.metrics);
+                }
                 break;
             }
             match inbox.recv().await {
                 Some(Input::Event(event)) => {
+                    if matches!(event, Event::Decided(_)) {
+                        clock.decided = Some(Instant::now());
+                    }
                     let error = match &event {
                         Event::PrepareFailed { reason, .. } => Some(reason.clone()),
                         Event::Phase2Failed { error, .. } => Some(error.clone()),

@@ -72,6 +72,13 @@ pub struct Metrics {
     /// COMPLETE records written, and the log entries that carried them.
     pub completions: AtomicU64,
     pub completion_entries: AtomicU64,
+    /// Where a committed transaction's time goes on the leader, summed in
+    /// microseconds over `timed_commits`: from the request to every branch
+    /// prepared, the decision through Raft, and phase 2 until the answer.
+    pub timed_commits: AtomicU64,
+    pub prepare_us: AtomicU64,
+    pub decide_us: AtomicU64,
+    pub phase2_us: AtomicU64,
 }
 
 impl Metrics {
@@ -95,6 +102,10 @@ impl Metrics {
             ("branches_reconciled", get(&self.reconciled)),
             ("completions", get(&self.completions)),
             ("completion_entries", get(&self.completion_entries)),
+            ("timed_commits", get(&self.timed_commits)),
+            ("prepare_us_total", get(&self.prepare_us)),
+            ("decide_us_total", get(&self.decide_us)),
+            ("phase2_us_total", get(&self.phase2_us)),
         ]
     }
 }

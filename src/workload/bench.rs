@@ -105,6 +105,55 @@ pub struct BenchResult {
     pub first_window_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_window_per_s: Option<f64>,
+    /// `tandem` only: the mean split of a commit on the leader, from its
+    /// counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split: Option<Split>,
+    /// Modes through the cluster: Raft log entries written per fsync, over
+    /// the three nodes (group commit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entries_per_fsync: Option<f64>,
+}
+
+/// Where a committed transaction's time went on the leader, in mean
+/// milliseconds: until every branch was prepared, the decision through
+/// Raft, phase 2 until the answer.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Split {
+    pub prepare_ms: f64,
+    pub decide_ms: f64,
+    pub phase2_ms: f64,
+}
+
+/// The counters read from the nodes: the leader's split
+/// (`timed_commits`, `prepare_us_total`, `decide_us_total`,
+/// `phase2_us_total`), then the Raft log's `log_entries_appended` and
+/// `log_fsyncs`, each summed over the nodes that answer.
+const COUNTERS: [&str; 6] =
+    ["timed_commits", "prepare_us_total", "decide_us_total", "phase2_us_total", "log_entries_appended", "log_fsyncs"];
+
+async fn read_counters(nodes: &[String]) -> [u64; 6] {
+    let mut sum = [0; 6];
+    for addr in nodes {
+        let Ok(mut client) = Client::pinned(addr) else { continue };
+        let Ok(status) = client.status().await else { continue };
+        for (total, name) in sum.iter_mut().zip(COUNTERS) {
+            *total += status.counters.get(name).copied().unwrap_or(0);
+        }
+    }
+    sum
+}
+
+/// The mean split, and the log entries per fsync on all nodes, between two
+/// readings of [`read_counters`].
+fn between(before: [u64; 6], after: [u64; 6]) -> (Option<Split>, Option<f64>) {
+    let d: Vec<f64> = before.iter().zip(after).map(|(b, a)| a.saturating_sub(*b) as f64).collect();
+    let split = (d[0] > 0.0).then(|| Split {
+        prepare_ms: d[1] / d[0] / 1000.0,
+        decide_ms: d[2] / d[0] / 1000.0,
+        phase2_ms: d[3] / d[0] / 1000.0,
+    });
+    (split, (d[5] > 0.0).then(|| d[4] / d[5]))
 }
 
 /// The stretch of a long run whose throughput is compared, early and late.
@@ -174,6 +223,15 @@ pub async fn run(cfg: &BenchConfig) -> Result<Vec<BenchResult>> {
                 r.p999_ms,
                 r.failed
             );
+            if let Some(split) = r.split {
+                eprintln!(
+                    "{:<15} on the leader: prepare {:.2} ms, decision {:.2} ms, phase 2 {:.2} ms (mean)",
+                    "", split.prepare_ms, split.decide_ms, split.phase2_ms
+                );
+            }
+            if let Some(n) = r.entries_per_fsync {
+                eprintln!("{:<15} Raft log entries per fsync: {n:.1}", "");
+            }
             if let (Some(first), Some(last)) = (r.first_window_per_s, r.last_window_per_s) {
                 eprintln!(
                     "{:<15} first {WINDOW} transfers {first:.1}/s, last {WINDOW} {last:.1}/s ({:+.1}%)",
@@ -191,6 +249,8 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let limit = cfg.transactions.unwrap_or(u64::MAX);
+    let through_cluster = matches!(mode, Mode::Tandem | Mode::DecisionsOnly);
+    let counters_before = if through_cluster { Some(read_counters(&cfg.nodes).await) } else { None };
     let mut workers = Vec::with_capacity(concurrency);
     for w in 0..concurrency {
         let worker = Worker::connect(cfg, mode, w).await?;
@@ -263,6 +323,10 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
     let mut samples = progress.await.map_err(|e| Error::Internal(format!("the bench progress task failed: {e}")))?;
     samples.push((elapsed, latencies.len() as u64));
     let (first_window_per_s, last_window_per_s) = windows(&samples, latencies.len() as u64);
+    let (split, entries_per_fsync) = match counters_before {
+        Some(before) => between(before, read_counters(&cfg.nodes).await),
+        None => (None, None),
+    };
     eprint!("\r{:100}\r", "");
     latencies.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -283,6 +347,8 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         failed,
         first_window_per_s,
         last_window_per_s,
+        split,
+        entries_per_fsync,
     })
 }
 
@@ -523,7 +589,17 @@ mod tests {
             failed: 0,
             first_window_per_s: None,
             last_window_per_s: None,
+            split: None,
+            entries_per_fsync: None,
         }
+    }
+
+    #[test]
+    fn split_is_the_mean_between_readings() {
+        let (split, per_fsync) = between([10, 1000, 2000, 3000, 50, 5], [20, 31_000, 12_000, 8000, 250, 25]);
+        assert_eq!(split, Some(Split { prepare_ms: 3.0, decide_ms: 1.0, phase2_ms: 0.5 }));
+        assert_eq!(per_fsync, Some(10.0));
+        assert_eq!(between([5, 0, 0, 0, 0, 0], [5, 9, 9, 9, 0, 0]), (None, None));
     }
 
     #[test]
