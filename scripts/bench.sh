@@ -70,7 +70,8 @@ done >"$PGDIR/participants.toml"
 if [ -n "$RETENTION" ]; then
     # The node files with a shorter retention, and the longest transaction
     # timeout it allows (half of it).
-    export TANDEM_CONFIG_DIR="$TANDEM_HOME/config"
+    # Beside the PostgreSQL servers: `cluster wipe` empties TANDEM_HOME.
+    export TANDEM_CONFIG_DIR="$PGDIR/config"
     mkdir -p "$TANDEM_CONFIG_DIR"
     for n in 1 2 3; do
         {

@@ -46,6 +46,10 @@ use crate::error::Error;
 use crate::error::Result;
 use crate::txn::gid::Gid;
 
+/// Most connections of a participant's control pool (phase 2, listing,
+/// outcome checks): half the branch pool, at most this.
+const CONTROL_POOL_MAX: usize = 128;
+
 /// Most statements a connection keeps prepared; past it, the cache starts
 /// afresh.
 const STATEMENT_CACHE_MAX: usize = 256;
@@ -79,7 +83,10 @@ impl PostgresParticipant {
                 .map_err(|e| Error::InvalidInput(format!("participant {name}: {e}")))
         };
         let pool = pool_of(pool_size.max(1))?;
-        let control = pool_of((pool_size / 4).clamp(2, 8))?;
+        // Every committed transaction takes a control connection for each
+        // COMMIT PREPARED: a few, as there once were, made phase 2 the
+        // queue at a few hundred clients.
+        let control = pool_of((pool_size / 2).clamp(2, CONTROL_POOL_MAX))?;
         Ok(Self { name: name.to_string(), pool, control })
     }
 
