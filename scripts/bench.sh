@@ -15,8 +15,9 @@
 # .tandem/bench/chart.svg. --transactions N runs each point until N
 # transfers are done instead (the long run; from 200,000 up it compares the
 # first 100,000's throughput with the last's). --retention-s S keeps
-# completed records S seconds (at least 60; the cluster's own files say a
-# day), so that a long run shows disk use level off once records expire.
+# completed records S seconds (at least 130; the cluster's own files say a
+# day), so that a long run shows disk use level off once records expire;
+# the longest transaction timeout becomes S - 120 seconds.
 # Every 5 s each node's resident memory and data size go to
 # .tandem/bench/resources.csv; the end prints their peaks.
 #
@@ -68,9 +69,14 @@ for db in bench_a bench_b; do
         "$db" "${PORT[$db]}" "$db"
 done >"$PGDIR/participants.toml"
 if [ -n "$RETENTION" ]; then
+    if ((RETENTION < 130)); then
+        echo "--retention-s must be at least 130 (the longest timeout, 10 s or more, plus 120 s)" >&2
+        exit 2
+    fi
     # The node files with a shorter retention, and the longest transaction
-    # timeout it allows (half of it).
-    # Beside the PostgreSQL servers: `cluster wipe` empties TANDEM_HOME.
+    # timeout it allows (retention.completed_retention_s >= timeout + 120 s),
+    # beside the PostgreSQL servers: `cluster wipe` empties TANDEM_HOME.
+    timeout_max_ms=$(((RETENTION - 120) * 1000))
     export TANDEM_CONFIG_DIR="$PGDIR/config"
     mkdir -p "$TANDEM_CONFIG_DIR"
     for n in 1 2 3; do
@@ -78,7 +84,7 @@ if [ -n "$RETENTION" ]; then
             sed -e "s/^completed_retention_s = .*/completed_retention_s = $RETENTION/" \
                 -e "s/^forget_interval_s = .*/forget_interval_s = 10/" "$REPO_ROOT/cluster/node$n.toml"
             printf '\n[coordinator]\ntimeout_max_ms = %s\ntimeout_default_ms = %s\n' \
-                $((RETENTION * 500)) $((RETENTION * 500 < 30000 ? RETENTION * 500 : 30000))
+                "$timeout_max_ms" $((timeout_max_ms < 30000 ? timeout_max_ms : 30000))
         } >"$TANDEM_CONFIG_DIR/node$n.toml"
     done
 fi

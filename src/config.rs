@@ -111,6 +111,11 @@ fn default_pool_size() -> usize {
 /// The shortest retention of completed records, whatever the longest
 /// transaction timeout.
 pub const COMPLETED_RETENTION_S_MIN: u64 = 60;
+/// How much longer than the longest transaction timeout completed records
+/// must be kept: a driver may still propose its decision that long after
+/// the deadline (`PROPOSE_ATTEMPTS` × `PROPOSE_TIMEOUT` and back-off, about
+/// 45 s, in `coordinator::driver`), plus room for clock skew.
+pub const RETENTION_PAST_TIMEOUT_S: u64 = 120;
 
 /// Most connections one participant's pool may hold.
 pub const POOL_SIZE_MAX: usize = 1024;
@@ -351,12 +356,12 @@ impl NodeConfig {
         // A record must outlive any driver still working on its transaction
         // (a deposed leader's, up to the longest transaction timeout), or a
         // late COMMIT could find no record and win.
-        // Twice the longest timeout leaves that driver its retries of the
-        // proposal after the timeout.
-        let retention_min = COMPLETED_RETENTION_S_MIN.max(2 * c.timeout_max_ms.div_ceil(1000));
+        // The longest timeout, then the driver's retries of its proposal
+        // (about 45 s) and room for clock skew.
+        let retention_min = COMPLETED_RETENTION_S_MIN.max(c.timeout_max_ms.div_ceil(1000) + RETENTION_PAST_TIMEOUT_S);
         if self.retention.completed_retention_s < retention_min {
             return invalid(format!(
-                "retention.completed_retention_s must be at least {retention_min}: twice coordinator.timeout_max_ms, and at least {COMPLETED_RETENTION_S_MIN}"
+                "retention.completed_retention_s must be at least {retention_min}: coordinator.timeout_max_ms plus {RETENTION_PAST_TIMEOUT_S} s"
             ));
         }
         if self.coordinator.remote_prepare_timeout_ms == 0 {
@@ -440,5 +445,21 @@ mod tests {
             parse(&format!("id = 1\n{base}[raft]\nelection_timeout_ms_min = 2000\nelection_timeout_ms_max = 1000\n"))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn retention_outlasts_the_longest_timeout() {
+        let base = "id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\n";
+        let with = |retention: u64| {
+            parse(&format!(
+                "{base}[coordinator]\ntimeout_max_ms = 60000\ntimeout_default_ms = 30000\n\
+                 [retention]\ncompleted_retention_s = {retention}\n"
+            ))
+        };
+        assert!(with(180).is_ok());
+        let e = with(179).unwrap_err();
+        assert!(e.to_string().contains("at least 180"), "{e}");
+        // The defaults: a 10-minute timeout, a day's retention.
+        assert!(parse(base).is_ok());
     }
 }

@@ -10,7 +10,9 @@
 //!   proves the transaction had not failed (PREPARE of a failed
 //!   transaction rolls back silently).
 //! - Each pooled connection keeps the statements it ran prepared (at most
-//!   256), so a statement costs one round trip.
+//!   256), so a statement costs one round trip. A statement whose plan a
+//!   schema change made stale fails once, and is then prepared afresh on
+//!   every connection.
 //! - gids are spliced into `PREPARE TRANSACTION '…'` and `COMMIT PREPARED
 //!   '…'` only after [`Gid::validated`]: `[a-z0-9_]`, nothing to escape.
 //! - The server needs `max_prepared_transactions` above 0; [`check`]
@@ -230,7 +232,7 @@ impl Participant for PostgresParticipant {
     async fn begin(&self) -> Result<Box<dyn BranchSession>> {
         let conn = self.connection().await?;
         conn.batch_execute("BEGIN").await.map_err(|e| pg_error(&self.name, e))?;
-        Ok(Box::new(PostgresBranch { participant: self.name.clone(), conn: Some(conn) }))
+        Ok(Box::new(PostgresBranch { participant: self.name.clone(), conn: Some(conn), pool: self.pool.clone() }))
     }
 
     async fn commit_prepared(&self, gid: &Gid) -> Result<Phase2> {
@@ -273,6 +275,9 @@ struct PostgresBranch {
     participant: String,
     /// Taken when the branch ends (prepared or rolled back).
     conn: Option<Object>,
+    /// The pool it came from, whose connections' statement caches a stale
+    /// statement is dropped from.
+    pool: Pool,
 }
 
 impl Drop for PostgresBranch {
@@ -298,15 +303,20 @@ impl BranchSession for PostgresBranch {
         let conn = self.conn()?;
         let params: Vec<TextParam> = statement.params.iter().map(text_param).collect();
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        // Each connection keeps its statements prepared, up to a bound; a
-        // statement that failed is prepared afresh next time (its plan may
-        // be stale after a schema change).
+        // Each connection keeps its statements prepared, up to a bound.
         let cache = &conn.statement_cache;
         if cache.size() >= STATEMENT_CACHE_MAX {
             cache.clear();
         }
         let failed = |e: tokio_postgres::Error| {
-            cache.remove(&statement.sql, &[]);
+            // A plan made stale by a schema change ("cached plan must not
+            // change result type"), or a statement deallocated: every
+            // connection prepares it afresh, so it fails once, not once per
+            // connection.
+            let stale = [SqlState::FEATURE_NOT_SUPPORTED, SqlState::INVALID_SQL_STATEMENT_NAME];
+            if e.code().is_some_and(|c| stale.contains(c)) {
+                self.pool.manager().statement_caches.remove(&statement.sql, &[]);
+            }
             pg_error(&self.participant, e)
         };
         let prepared = conn.prepare_cached(&statement.sql).await.map_err(failed)?;

@@ -18,8 +18,7 @@
 //!   openraft stops the node, and nothing is acknowledged after the failure.
 //!
 //! RocksDB calls block, so they run on tokio's blocking pool or on the flusher
-//! thread, except a small append's unsynced write, which takes microseconds
-//! and is done in place.
+//! thread, never on the async workers.
 
 use std::fmt::Debug;
 use std::io;
@@ -52,11 +51,6 @@ use super::TypeConfig;
 use super::cf;
 
 type Entry = EntryOf<TypeConfig>;
-
-/// Appends up to this size are written on the calling task (unsynced,
-/// into RocksDB's memtable and write-ahead log buffer); larger ones on the
-/// blocking pool.
-const INLINE_APPEND_BYTES_MAX: usize = 64 << 10;
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -317,22 +311,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.stats.appends.fetch_add(1, Ordering::Relaxed);
         self.stats.entries.fetch_add(encoded.len() as u64, Ordering::Relaxed);
-        let bytes: usize = encoded.iter().map(|(_, v)| v.len()).sum();
-        let write = move |db: &DB| {
+        // On the blocking pool even when small: a write can wait on a
+        // RocksDB write stall, which must not hold an async worker.
+        self.blocking(move |db| {
             let cf = db.cf_handle(cf::RAFT_LOG).expect("raft_log column family");
             let mut batch = WriteBatch::default();
             for (key, value) in encoded {
                 batch.put_cf(&cf, key, value);
             }
             db.write(batch).map_err(io::Error::other)
-        };
-        // An unsynced write of a few entries costs microseconds: done here,
-        // it saves a hand-off to the blocking pool and back on every commit.
-        if bytes <= INLINE_APPEND_BYTES_MAX {
-            write(&self.db)?;
-        } else {
-            self.blocking(write).await?;
-        }
+        })
+        .await?;
         let queue = self.flusher.queue.as_ref().expect("the flusher queue lives as long as the store");
         queue.send(callback).map_err(|_| io::Error::other("the log flusher thread is gone"))?;
         Ok(())

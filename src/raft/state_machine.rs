@@ -116,10 +116,13 @@ impl StoredSnapshot {
 
     fn read(db: &DB) -> io::Result<Option<StoredSnapshot>> {
         let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
-        let Some(meta) = db.get_cf(&cf, KEY_SNAPSHOT_META).map_err(io::Error::other)? else {
+        // Both keys from one point in time: a snapshot built meanwhile must
+        // not pair this meta with its data.
+        let at = db.snapshot();
+        let Some(meta) = at.get_cf(&cf, KEY_SNAPSHOT_META).map_err(io::Error::other)? else {
             return Self::read_legacy(db);
         };
-        let data = db
+        let data = at
             .get_cf(&cf, KEY_SNAPSHOT_DATA)
             .map_err(io::Error::other)?
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "snapshot meta without its data"))?;
