@@ -171,6 +171,9 @@ async fn leader_killed_new_leader_keeps_writing_and_restarted_node_catches_up_by
     assert!(!in_flight.is_empty(), "the background writers got nothing acknowledged");
     eprintln!("background writers: {} acknowledged, {unknown} unknown", in_flight.len());
     acked.extend(in_flight);
+    // A follower learns that the last acknowledged entries are committed
+    // only with the leader's next message: wait until it has applied them.
+    cluster.wait_converged(&survivors).await;
     for id in &survivors {
         assert_has_all(&cluster, *id, &acked).await;
     }
