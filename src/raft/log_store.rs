@@ -73,6 +73,18 @@ pub struct LogStats {
     pub fsyncs: AtomicU64,
 }
 
+impl LogStats {
+    /// Every counter by name, as `tandem cluster status` shows them.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("log_entries_appended", get(&self.entries)),
+            ("log_appends", get(&self.appends)),
+            ("log_fsyncs", get(&self.fsyncs)),
+        ]
+    }
+}
+
 /// The flusher thread and the queue to it. Dropping the last handle closes
 /// the queue and joins the thread, so the thread's reference to the database
 /// is gone before the process can exit: RocksDB must be closed before its

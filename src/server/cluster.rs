@@ -34,15 +34,8 @@ impl ClusterService {
     /// written, and the fsyncs that made them durable (group commit shows
     /// as many entries per fsync).
     fn counters(&self) -> std::collections::HashMap<String, u64> {
-        let log = &self.node.log_stats;
-        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        let mut counters = self.coordinator.metrics.snapshot();
-        counters.extend([
-            ("log_entries_appended", get(&log.entries)),
-            ("log_appends", get(&log.appends)),
-            ("log_fsyncs", get(&log.fsyncs)),
-        ]);
-        counters.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+        let log = self.node.log_stats.snapshot();
+        self.coordinator.metrics.snapshot().into_iter().chain(log).map(|(k, v)| (k.to_string(), v)).collect()
     }
 
     fn membership_response(&self, resp: openraft::raft::ClientWriteResponse<TypeConfig>) -> pb::MembershipResponse {
