@@ -45,7 +45,8 @@
 //! 1. A request reaches any node. A follower forwards it to the leader (or
 //!    answers UNAVAILABLE with the leader's address).
 //! 2. The leader validates it, stamps the time, and proposes a
-//!    [`raft::Command`] through Raft.
+//!    [`raft::Command`] through Raft; decisions that wait together go as one
+//!    entry ([`raft::batcher`]).
 //! 3. Once a majority has the entry fsynced, it is committed; every node
 //!    applies it to its [`raft::StateMachine`]. A decision is a
 //!    compare-and-set: the first one for a txid holds, and the answer carries

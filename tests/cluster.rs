@@ -86,6 +86,11 @@ async fn assert_has_all(cluster: &TestCluster, id: u64, acked: &BTreeMap<TxId, T
 async fn thousand_decisions_through_every_node_apply_identically() {
     let cluster = TestCluster::start(3, Options::default()).await;
     let acked = write_decisions(&cluster, &[1, 2, 3], "r", 1000, 12).await;
+    // Concurrent decisions shared entries (the decision batcher), and each
+    // writer still got its own answer (above).
+    let leader = cluster.status(cluster.leader().await).await.expect("leader status");
+    let (decisions, entries) = (leader.counters["decisions_proposed"], leader.counters["decision_entries"]);
+    assert!(decisions >= 1000 && entries < decisions, "{decisions} decisions in {entries} entries");
 
     // Complete some, through a follower too.
     let mut client = cluster.client();

@@ -65,12 +65,13 @@ pub struct LogStore {
 }
 
 /// How well appends share fsyncs: entries and appends written, and the
-/// fsyncs that made them durable.
+/// fsyncs that made them durable, with the time they took.
 #[derive(Default)]
 pub struct LogStats {
     pub entries: AtomicU64,
     pub appends: AtomicU64,
     pub fsyncs: AtomicU64,
+    pub fsync_us: AtomicU64,
 }
 
 impl LogStats {
@@ -81,6 +82,7 @@ impl LogStats {
             ("log_entries_appended", get(&self.entries)),
             ("log_appends", get(&self.appends)),
             ("log_fsyncs", get(&self.fsyncs)),
+            ("log_fsync_us_total", get(&self.fsync_us)),
         ]
     }
 }
@@ -203,11 +205,13 @@ fn run_flusher(
         let mut waiting = vec![first];
         waiting.extend(rx.try_iter());
         stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let result = if poisoned.load(Ordering::Acquire) {
             Err("an earlier fsync of the Raft log failed".to_string())
         } else {
             db.flush_wal(true).map_err(|e| e.to_string())
         };
+        stats.fsync_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         if let Err(e) = &result {
             tracing::error!(error = %e, "fsync of the Raft log failed; the node stops taking writes");
             poisoned.store(true, Ordering::Release);

@@ -14,8 +14,9 @@
 //!   only after the write-ahead log is fsynced; one fsync covers every append
 //!   queued behind it (group commit).
 //! - [`state_machine`]: applies [`Command`]s to transaction records in RocksDB,
-//!   builds and installs snapshots. Once a snapshot covers a stretch of log,
-//!   openraft purges that stretch, so disk use stays bounded.
+//!   builds and installs snapshots, which are files ([`snapshot`]). Once a
+//!   snapshot covers a stretch of log, openraft purges that stretch, so disk
+//!   use stays bounded.
 //! - [`network`]: node-to-node RPC (vote, append, snapshot) over tonic, one
 //!   cached channel per peer; [`service`] is the server side.
 //!
@@ -41,15 +42,20 @@
 //! | `sm_keys` | idempotency key | txid |
 //! | `sm_completed` | completed time (u64 BE) + txid | empty |
 //! | `sm_meta` | `last_applied`, `membership`, `snapshot_meta` | JSON |
-//! | `sm_meta` | `snapshot_data` | the snapshot (see [`state_machine`]) |
+//! | `sm_meta` | `snapshot_file` | the current snapshot's file name |
+//!
+//! Snapshots are files in the `snapshots` directory beside RocksDB's own
+//! (see [`snapshot`]).
 //!
 //! The log and the state machine share one write-ahead log, so a crash
 //! recovers a prefix of all writes: the state machine is never ahead of a
 //! purge, and whatever it lost is re-applied from the log.
 
+pub mod batcher;
 pub mod log_store;
 pub mod network;
 pub mod service;
+pub mod snapshot;
 pub mod state_machine;
 
 use std::fmt;
@@ -89,9 +95,10 @@ pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
 /// The command encoding this build writes. Version 2 added `Decide.info`,
 /// branch xids and `CompleteBatch`; version 3 remote branches
-/// (`Branch.remote`). An older node stops at the first newer entry rather
-/// than misread it, so upgrade every node before the new leader writes.
-pub const COMMAND_VERSION: u32 = 3;
+/// (`Branch.remote`); version 4 `DecideBatch`. An older node stops at the
+/// first newer entry rather than misread it, so upgrade every node before
+/// the new leader writes.
+pub const COMMAND_VERSION: u32 = 4;
 /// The oldest encoding this build still reads (its new fields default).
 pub const COMMAND_VERSION_MIN: u32 = 1;
 
@@ -117,6 +124,9 @@ pub enum Op {
         #[serde(default)]
         info: TxnInfo,
     },
+    /// Several decisions, each applied as its own `Decide` would be, in
+    /// order (see [`batcher`]).
+    DecideBatch { items: Vec<DecideItem> },
     /// Phase 2 is done on every branch.
     Complete { txid: TxId },
     /// Phase 2 is done on every branch of each transaction; the leader
@@ -126,6 +136,15 @@ pub enum Op {
     /// Drop completed records completed before this time, with their
     /// idempotency keys.
     Forget { before_unix_ms: u64 },
+}
+
+/// One decision of a [`Op::DecideBatch`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecideItem {
+    pub txid: TxId,
+    pub decision: Decision,
+    #[serde(default)]
+    pub info: TxnInfo,
 }
 
 /// One transaction of a [`Op::CompleteBatch`].
@@ -153,6 +172,7 @@ impl fmt::Display for Command {
                 let kind = if decision.is_commit() { "commit" } else { "abort" };
                 write!(f, "decide {txid} {kind}")
             }
+            Op::DecideBatch { items } => write!(f, "decide {} transactions", items.len()),
             Op::Complete { txid } => write!(f, "complete {txid}"),
             Op::CompleteBatch { items } => write!(f, "complete {} transactions", items.len()),
             Op::Forget { before_unix_ms } => write!(f, "forget before {before_unix_ms}"),
@@ -174,6 +194,10 @@ pub enum CommandResponse {
     IdempotencyConflict {
         key: String,
         txid: TxId,
+    },
+    /// A [`Op::DecideBatch`]'s answers, one per decision, in order.
+    DecidedBatch {
+        responses: Vec<CommandResponse>,
     },
     Completed {
         record: TxnRecord,
@@ -236,6 +260,13 @@ pub fn open_store(dir: &Path) -> Result<(LogStore, StateMachine)> {
         o.set_max_write_buffer_number(2);
         let mut table = rocksdb::BlockBasedOptions::default();
         table.set_block_cache(&cache);
+        // Index and filter blocks count against the cache too, rather than
+        // growing with the data outside it.
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        // Most lookups miss (a new txid's record, a new idempotency key):
+        // a bloom filter answers them without reading data blocks.
+        table.set_bloom_filter(10.0, false);
         o.set_block_based_table_factory(&table);
         o
     };
@@ -244,7 +275,8 @@ pub fn open_store(dir: &Path) -> Result<(LogStore, StateMachine)> {
     let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?);
     let log_store = LogStore::new(db.clone());
     log_store.uncommit_vote()?;
-    Ok((log_store, StateMachine::new(db)))
+    let state_machine = StateMachine::open(db, dir)?;
+    Ok((log_store, state_machine))
 }
 
 /// Builds openraft's config from ours.

@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::Cursor;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -41,6 +40,7 @@ use tonic::transport::Endpoint;
 use super::Node;
 use super::NodeId;
 use super::TypeConfig;
+use super::snapshot::SnapshotFile;
 use crate::error::Error;
 use crate::error::Result;
 use crate::proto::RaftPayload;
@@ -167,7 +167,7 @@ impl PeerClient {
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerClient {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotFile;
 
     async fn append_entries(
         &mut self,
@@ -196,19 +196,13 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     async fn full_snapshot(
         &mut self,
         vote: VoteOf<TypeConfig>,
-        snapshot: SnapshotOf<TypeConfig, Cursor<Vec<u8>>>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotFile>,
         cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let header = serde_json::to_vec(&(&vote, &snapshot.meta)).map_err(network_error)?;
-        let data = snapshot.snapshot.into_inner();
-        let mut chunks: Vec<SnapshotChunk> =
-            data.chunks(SNAPSHOT_CHUNK_BYTES).map(|c| SnapshotChunk { header: Vec::new(), data: c.to_vec() }).collect();
-        if chunks.is_empty() {
-            chunks.push(SnapshotChunk::default());
-        }
-        chunks[0].header = header;
-        let mut request = tonic::Request::new(tokio_stream::iter(chunks));
+        let file = snapshot.snapshot.into_file().map_err(|e| StreamingError::Network(network_error(e)))?;
+        let mut request = tonic::Request::new(chunks(tokio::fs::File::from_std(file), header));
         request.set_timeout(option.hard_ttl());
         request.metadata_mut().insert(CLUSTER_ID_KEY, self.cluster_id.clone());
         let mut client = self.client().map_err(|e| match e {
@@ -229,4 +223,29 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             result = send => result,
         }
     }
+}
+
+/// A snapshot file as a stream of chunks, read a chunk at a time; the first
+/// carries `header`. A read error ends the stream early, and the receiver
+/// refuses the file it got (it lacks its trailer).
+fn chunks(file: tokio::fs::File, header: Vec<u8>) -> impl futures::Stream<Item = SnapshotChunk> + Send + 'static {
+    futures::stream::unfold(Some((file, header)), |state| async move {
+        let (mut file, header) = state?;
+        let mut data = vec![0; SNAPSHOT_CHUNK_BYTES];
+        let mut filled = 0;
+        while filled < data.len() {
+            match tokio::io::AsyncReadExt::read(&mut file, &mut data[filled..]).await {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the snapshot to send failed");
+                    return None;
+                }
+            }
+        }
+        data.truncate(filled);
+        let last = filled < SNAPSHOT_CHUNK_BYTES;
+        let chunk = SnapshotChunk { header, data };
+        Some((chunk, if last { None } else { Some((file, Vec::new())) }))
+    })
 }

@@ -1,13 +1,14 @@
 //! Node-to-node Raft RPC, server side: decodes openraft's messages and hands
 //! them to the local Raft instance. See [`super::network`] for the encoding.
 
-use std::io::Cursor;
+use std::path::PathBuf;
 
 use openraft::type_config::alias::SnapshotMetaOf;
 use openraft::type_config::alias::SnapshotOf;
 use openraft::type_config::alias::VoteOf;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
 use tonic::Request;
 use tonic::Response;
@@ -17,6 +18,7 @@ use tonic::Streaming;
 use super::Raft;
 use super::TypeConfig;
 use super::network::CLUSTER_ID_KEY;
+use super::snapshot::SnapshotFile;
 use crate::proto::RaftPayload;
 use crate::proto::SnapshotChunk;
 use crate::proto::raft_server;
@@ -27,11 +29,13 @@ const SNAPSHOT_BYTES_MAX: usize = 1 << 30;
 pub struct RaftService {
     raft: Raft,
     cluster_id: String,
+    /// Where a received snapshot is written before it is installed.
+    snapshot_dir: PathBuf,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft, cluster_id: &str) -> Self {
-        Self { raft, cluster_id: cluster_id.to_string() }
+    pub fn new(raft: Raft, cluster_id: &str, snapshot_dir: &std::path::Path) -> Self {
+        Self { raft, cluster_id: cluster_id.to_string(), snapshot_dir: snapshot_dir.to_path_buf() }
     }
 
     /// Refuses a message from a node of another cluster.
@@ -50,6 +54,10 @@ impl RaftService {
 
 fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Status> {
     serde_json::from_slice(payload).map_err(|e| Status::invalid_argument(format!("undecodable Raft message: {e}")))
+}
+
+fn internal(e: std::io::Error) -> Status {
+    Status::internal(format!("receiving the snapshot: {e}"))
 }
 
 fn reply<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
@@ -87,14 +95,22 @@ impl raft_server::Raft for RaftService {
             return Err(Status::invalid_argument("empty snapshot stream"));
         };
         let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) = decode(&first.header)?;
-        let mut data = first.data;
+        // Written to a file as it arrives, never held whole in memory.
+        let (file, path) = SnapshotFile::create_received(&self.snapshot_dir).map_err(internal)?;
+        let received = SnapshotFile::received(path.clone()).map_err(internal)?;
+        let mut out = tokio::io::BufWriter::new(tokio::fs::File::from_std(file));
+        let mut bytes = first.data.len();
+        out.write_all(&first.data).await.map_err(internal)?;
         while let Some(chunk) = stream.next().await.transpose()? {
-            if data.len() + chunk.data.len() > SNAPSHOT_BYTES_MAX {
+            bytes += chunk.data.len();
+            if bytes > SNAPSHOT_BYTES_MAX {
                 return Err(Status::resource_exhausted("snapshot over 1 GiB"));
             }
-            data.extend_from_slice(&chunk.data);
+            out.write_all(&chunk.data).await.map_err(internal)?;
         }
-        let snapshot = SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> { meta, snapshot: Cursor::new(data) };
+        out.flush().await.map_err(internal)?;
+        drop(out);
+        let snapshot = SnapshotOf::<TypeConfig, SnapshotFile> { meta, snapshot: received };
         let result = self.raft.install_full_snapshot(vote, snapshot).await;
         let result: Result<_, openraft::errors::RaftError<TypeConfig>> = result.map_err(Into::into);
         reply(&result)

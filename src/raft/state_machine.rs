@@ -18,14 +18,18 @@
 //! batch.
 //!
 //! A snapshot is the list of records plus the applied position and
-//! membership. The key index and the completion index are derived from the
-//! records when a snapshot is installed. The current snapshot is kept in
-//! `sm_meta` so that it survives a restart and can be sent to a lagging
-//! follower.
+//! membership, in a file (see [`super::snapshot`]). The key index and the
+//! completion index are derived from the records when a snapshot is
+//! installed. `sm_meta` names the current snapshot's file, so that it
+//! survives a restart and can be sent to a lagging follower.
 
 use std::collections::HashMap;
 use std::io;
-use std::io::Cursor;
+use std::io::Read;
+use std::io::Seek;
+use std::io::SeekFrom;
+use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::Stream;
@@ -45,7 +49,6 @@ use rocksdb::DB;
 use rocksdb::IteratorMode;
 use rocksdb::WriteBatch;
 use serde::Deserialize;
-use serde::Serialize;
 
 use super::COMMAND_VERSION;
 use super::COMMAND_VERSION_MIN;
@@ -54,9 +57,12 @@ use super::Command;
 use super::CommandResponse;
 use super::Op;
 use super::TypeConfig;
+use super::batcher::DECIDE_BATCH_MAX;
 use super::cf;
 use super::log_store::decode;
 use super::log_store::encode;
+use super::snapshot;
+use super::snapshot::SnapshotFile;
 use crate::error::Error;
 use crate::error::Result;
 use crate::txn::Decision;
@@ -71,6 +77,11 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_SNAPSHOT_META: &[u8] = b"snapshot_meta";
 const KEY_SNAPSHOT_DATA: &[u8] = b"snapshot_data";
 const KEY_SNAPSHOT_LEGACY: &[u8] = b"snapshot";
+const KEY_SNAPSHOT_FILE: &[u8] = b"snapshot_file";
+/// Set while a received snapshot is loaded: the meta and file to finish with.
+const KEY_SNAPSHOT_INSTALLING: &[u8] = b"snapshot_installing";
+/// Writes per RocksDB write batch while a snapshot is loaded.
+const INSTALL_BATCH_WRITES: usize = 10_000;
 
 /// The decision log, backed by the node's RocksDB.
 #[derive(Clone)]
@@ -80,79 +91,196 @@ pub struct StateMachine {
     /// snapshot while another is being installed, and the older of the two
     /// must not overwrite the newer.
     snapshot_lock: Arc<std::sync::Mutex<()>>,
+    /// Where the snapshot files are.
+    snapshot_dir: Arc<PathBuf>,
 }
 
-/// A snapshot's payload.
-#[derive(Serialize, Deserialize)]
-struct SnapshotData {
+/// How earlier builds kept a snapshot's data: `{"records": [...]}`, held
+/// in `sm_meta`. Converted to a file when the store opens, and still read
+/// from an older leader.
+#[derive(Deserialize)]
+struct LegacyData {
     records: Vec<TxnRecord>,
 }
 
-/// The current snapshot, kept in `sm_meta` as its meta (JSON, under
-/// `snapshot_meta`) and its data as is (under `snapshot_data`).
-struct StoredSnapshot {
-    meta: SnapshotMetaOf<TypeConfig>,
-    data: Vec<u8>,
-}
-
-/// How earlier builds kept the snapshot: both parts in one JSON value
-/// under `snapshot`, where the data became an array of numbers, about four
-/// times its size. Still read; replaced by the next snapshot.
+/// How the earliest builds kept the snapshot: meta and data in one JSON
+/// value under `snapshot`, the data an array of numbers.
 #[derive(Deserialize)]
 struct LegacySnapshot {
     meta: SnapshotMetaOf<TypeConfig>,
     data: Vec<u8>,
 }
 
-impl StoredSnapshot {
-    /// The stored snapshot's meta, without reading its data.
-    fn read_meta(db: &DB) -> io::Result<Option<SnapshotMetaOf<TypeConfig>>> {
-        let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
-        match db.get_cf(&cf, KEY_SNAPSHOT_META).map_err(io::Error::other)? {
-            Some(b) => Ok(Some(decode(&b)?)),
-            None => Ok(Self::read_legacy(db)?.map(|s| s.meta)),
+/// A snapshot kept in `sm_meta` by an earlier build, if any.
+fn read_legacy(db: &DB) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>, Vec<u8>)>> {
+    let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
+    if let (Some(meta), Some(data)) = (
+        db.get_cf(&cf, KEY_SNAPSHOT_META).map_err(io::Error::other)?,
+        db.get_cf(&cf, KEY_SNAPSHOT_DATA).map_err(io::Error::other)?,
+    ) {
+        return Ok(Some((decode(&meta)?, data)));
+    }
+    match db.get_cf(&cf, KEY_SNAPSHOT_LEGACY).map_err(io::Error::other)? {
+        Some(b) => {
+            let legacy: LegacySnapshot = decode(&b)?;
+            Ok(Some((legacy.meta, legacy.data)))
         }
-    }
-
-    fn read(db: &DB) -> io::Result<Option<StoredSnapshot>> {
-        let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
-        // Both keys from one point in time: a snapshot built meanwhile must
-        // not pair this meta with its data.
-        let at = db.snapshot();
-        let Some(meta) = at.get_cf(&cf, KEY_SNAPSHOT_META).map_err(io::Error::other)? else {
-            return Self::read_legacy(db);
-        };
-        let data = at
-            .get_cf(&cf, KEY_SNAPSHOT_DATA)
-            .map_err(io::Error::other)?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "snapshot meta without its data"))?;
-        Ok(Some(StoredSnapshot { meta: decode(&meta)?, data }))
-    }
-
-    fn read_legacy(db: &DB) -> io::Result<Option<StoredSnapshot>> {
-        let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
-        match db.get_cf(&cf, KEY_SNAPSHOT_LEGACY).map_err(io::Error::other)? {
-            Some(b) => {
-                let legacy: LegacySnapshot = decode(&b)?;
-                Ok(Some(StoredSnapshot { meta: legacy.meta, data: legacy.data }))
-            }
-            None => Ok(None),
-        }
-    }
-
-    /// Adds writing this snapshot (in place of any earlier one) to `batch`.
-    fn put(&self, db: &DB, batch: &mut WriteBatch) -> io::Result<()> {
-        let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
-        batch.put_cf(&cf, KEY_SNAPSHOT_META, encode(&self.meta)?);
-        batch.put_cf(&cf, KEY_SNAPSHOT_DATA, &self.data);
-        batch.delete_cf(&cf, KEY_SNAPSHOT_LEGACY);
-        Ok(())
+        None => Ok(None),
     }
 }
 
+/// The current snapshot's meta and file name, read at one point in time.
+fn read_current(db: &DB) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>, String)>> {
+    let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
+    let at = db.snapshot();
+    let Some(name) = at.get_cf(&cf, KEY_SNAPSHOT_FILE).map_err(io::Error::other)? else { return Ok(None) };
+    let meta = at
+        .get_cf(&cf, KEY_SNAPSHOT_META)
+        .map_err(io::Error::other)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "snapshot file named without its meta"))?;
+    let name = String::from_utf8(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(Some((decode(&meta)?, name)))
+}
+
+/// Names `name` the current snapshot, with `batch`'s writes, durably; then
+/// removes the snapshot files it replaces.
+fn make_current(
+    db: &DB,
+    dir: &Path,
+    meta: &SnapshotMetaOf<TypeConfig>,
+    name: &str,
+    mut batch: WriteBatch,
+) -> io::Result<()> {
+    let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
+    batch.put_cf(&cf, KEY_SNAPSHOT_META, encode(meta)?);
+    batch.put_cf(&cf, KEY_SNAPSHOT_FILE, name.as_bytes());
+    for old in [KEY_SNAPSHOT_DATA, KEY_SNAPSHOT_LEGACY, KEY_SNAPSHOT_INSTALLING] {
+        batch.delete_cf(&cf, old);
+    }
+    write_synced(db, batch)?;
+    snapshot::remove_others(dir, Some(name), false)
+}
+
+fn write_synced(db: &DB, batch: WriteBatch) -> io::Result<()> {
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    db.write_opt(batch, &opts).map_err(io::Error::other)
+}
+
+/// Replaces the state machine with the snapshot in file `name`: the records
+/// a write at a time, then the applied position and the snapshot's name in
+/// one durable write. Run again after a crash part way (see
+/// [`StateMachine::open`]), it finishes the job: the file stays until the
+/// last write names it current. Returns the number of records.
+fn load(db: &DB, dir: &Path, meta: &SnapshotMetaOf<TypeConfig>, name: &str) -> io::Result<u64> {
+    for name in [cf::SM_RECORDS, cf::SM_KEYS, cf::SM_COMPLETED] {
+        let cf = db.cf_handle(name).expect("state machine column family");
+        let mut batch = WriteBatch::default();
+        for item in db.iterator_cf(&cf, IteratorMode::Start) {
+            let (key, _) = item.map_err(io::Error::other)?;
+            batch.delete_cf(&cf, key);
+            if batch.len() >= INSTALL_BATCH_WRITES {
+                db.write(std::mem::take(&mut batch)).map_err(io::Error::other)?;
+            }
+        }
+        db.write(batch).map_err(io::Error::other)?;
+    }
+    let records_cf = db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
+    let keys_cf = db.cf_handle(cf::SM_KEYS).expect("sm_keys column family");
+    let completed_cf = db.cf_handle(cf::SM_COMPLETED).expect("sm_completed column family");
+    let mut batch = WriteBatch::default();
+    let mut count = 0;
+    for line in SnapshotFile::open(&dir.join(name))?.records()? {
+        let line = line?;
+        let record: TxnRecord = decode(&line)?;
+        batch.put_cf(&records_cf, record.txid.as_str(), &line);
+        if let Decision::Commit { idempotency_key: Some(k), .. } = &record.decision {
+            batch.put_cf(&keys_cf, k.as_bytes(), record.txid.as_str().as_bytes());
+        }
+        if let Some(at) = record.completed_unix_ms {
+            batch.put_cf(&completed_cf, completed_key(at, &record.txid), []);
+        }
+        count += 1;
+        if batch.len() >= INSTALL_BATCH_WRITES {
+            db.write(std::mem::take(&mut batch)).map_err(io::Error::other)?;
+        }
+    }
+    let meta_cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
+    batch.put_cf(&meta_cf, KEY_LAST_APPLIED, encode(&meta.last_log_id)?);
+    batch.put_cf(&meta_cf, KEY_MEMBERSHIP, encode(&meta.last_membership)?);
+    make_current(db, dir, meta, name, batch)?;
+    Ok(count)
+}
+
+/// The records' JSON of a snapshot's data: a snapshot file, or the data of
+/// an earlier build (from a leader not yet upgraded), read whole.
+fn received_records(snapshot: SnapshotFile) -> io::Result<Box<dyn Iterator<Item = io::Result<Vec<u8>>>>> {
+    let mut file = snapshot.into_file()?;
+    let mut first = [0u8; 1];
+    let n = file.read(&mut first)?;
+    file.seek(SeekFrom::Start(0))?;
+    if n == 1 && first[0] == b'{' {
+        let legacy: LegacyData = serde_json::from_reader(io::BufReader::new(file))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        return Ok(Box::new(legacy.records.into_iter().map(|r| encode(&r))));
+    }
+    Ok(Box::new(snapshot::Records::new(file)?))
+}
+
 impl StateMachine {
-    pub(crate) fn new(db: Arc<DB>) -> Self {
-        Self { db, snapshot_lock: Arc::default() }
+    /// The state machine in `db`, its snapshots in `data_dir`. Finishes a
+    /// snapshot install a crash interrupted, moves a snapshot an earlier
+    /// build kept in RocksDB to a file, and removes leftover files.
+    pub(crate) fn open(db: Arc<DB>, data_dir: &Path) -> Result<Self> {
+        let dir = snapshot::dir(data_dir)?;
+        let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
+        if let Some(bytes) = db.get_cf(&cf, KEY_SNAPSHOT_INSTALLING)? {
+            let (meta, name): (SnapshotMetaOf<TypeConfig>, String) = decode(&bytes)?;
+            tracing::warn!(last_log_id = ?meta.last_log_id, "finishing a snapshot install that a stop interrupted");
+            load(&db, &dir, &meta, &name)?;
+        } else if db.get_cf(&cf, KEY_SNAPSHOT_FILE)?.is_none()
+            && let Some((meta, data)) = read_legacy(&db)?
+        {
+            let legacy: LegacyData = decode(&data)?;
+            let mut writer = snapshot::Writer::create(&dir)?;
+            for record in &legacy.records {
+                writer.record(&encode(record)?)?;
+            }
+            let (name, _) = writer.finish()?;
+            make_current(&db, &dir, &meta, &name, WriteBatch::default())?;
+            tracing::info!(last_log_id = ?meta.last_log_id, "moved the snapshot to a file");
+        }
+        let current = read_current(&db)?.map(|(_, name)| name);
+        snapshot::remove_others(&dir, current.as_deref(), true)?;
+        Ok(Self { db, snapshot_lock: Arc::default(), snapshot_dir: Arc::new(dir) })
+    }
+
+    /// RocksDB's memory, in bytes, as `tandem cluster status` shows it:
+    /// memtables, the block cache (index and filter blocks included), and
+    /// table readers outside it.
+    pub fn memory(&self) -> Vec<(&'static str, u64)> {
+        let sum = |property: &str| -> u64 {
+            cf::ALL
+                .iter()
+                .filter_map(|name| self.db.cf_handle(name))
+                .filter_map(|cf| self.db.property_int_value_cf(&cf, property).ok().flatten())
+                .sum()
+        };
+        let cache = self
+            .db
+            .cf_handle(cf::SM_RECORDS)
+            .and_then(|cf| self.db.property_int_value_cf(&cf, "rocksdb.block-cache-usage").ok().flatten())
+            .unwrap_or(0);
+        vec![
+            ("rocksdb_memtable_bytes", sum("rocksdb.cur-size-all-mem-tables")),
+            ("rocksdb_block_cache_bytes", cache),
+            ("rocksdb_table_readers_bytes", sum("rocksdb.estimate-table-readers-mem")),
+        ]
+    }
+
+    /// Where received snapshots are written before they are installed.
+    pub fn snapshot_dir(&self) -> &Path {
+        &self.snapshot_dir
     }
 
     /// Reads one record from this node's state machine (no Raft round-trip).
@@ -297,6 +425,18 @@ impl<'a> Applier<'a> {
         }
         match &cmd.op {
             Op::Decide { txid, decision, info } => self.decide(log_index, cmd.at_unix_ms, txid, decision, info),
+            Op::DecideBatch { items } => {
+                if items.len() > DECIDE_BATCH_MAX {
+                    return Ok(CommandResponse::Invalid {
+                        reason: format!("{} decisions in one entry, over {DECIDE_BATCH_MAX}", items.len()),
+                    });
+                }
+                let mut responses = Vec::with_capacity(items.len());
+                for item in items {
+                    responses.push(self.decide(log_index, cmd.at_unix_ms, &item.txid, &item.decision, &item.info)?);
+                }
+                Ok(CommandResponse::DecidedBatch { responses })
+            }
             Op::Complete { txid } => self.complete(cmd.at_unix_ms, txid, &[]),
             Op::CompleteBatch { items } => {
                 if items.len() > COMPLETE_BATCH_MAX {
@@ -483,12 +623,13 @@ fn to_io(e: Error) -> io::Error {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotFile;
 
-    async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>> {
+    async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
         let db = self.db.clone();
+        let dir = self.snapshot_dir.clone();
         let lock = self.snapshot_lock.clone();
-        let stored = tokio::task::spawn_blocking(move || -> io::Result<StoredSnapshot> {
+        let (meta, file, bytes) = tokio::task::spawn_blocking(move || -> io::Result<_> {
             // One RocksDB snapshot: the records and the applied position are
             // read at the same point.
             let snap = db.snapshot();
@@ -503,38 +644,36 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 None => StoredMembershipOf::<TypeConfig>::default(),
             };
             let records_cf = db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
-            // The records are stored as JSON already: the snapshot is
-            // `SnapshotData`'s JSON spliced from them, without decoding.
-            let mut data = b"{\"records\":[".to_vec();
-            for (i, item) in snap.iterator_cf(&records_cf, IteratorMode::Start).enumerate() {
+            // The records are stored as JSON already: copied as they are.
+            let mut writer = snapshot::Writer::create(&dir)?;
+            for item in snap.iterator_cf(&records_cf, IteratorMode::Start) {
                 let (_, value) = item.map_err(io::Error::other)?;
-                if i > 0 {
-                    data.push(b',');
-                }
-                data.extend_from_slice(&value);
+                writer.record(&value)?;
             }
-            data.extend_from_slice(b"]}");
             drop(snap);
+            let (name, bytes) = writer.finish()?;
             let meta = SnapshotMetaOf::<TypeConfig> { last_log_id, last_membership };
-            let stored = StoredSnapshot { meta, data };
+            let path = dir.join(&name);
+            let file = SnapshotFile::open(&path)?;
             let _guard = lock.lock().map_err(|_| io::Error::other("snapshot lock poisoned"))?;
-            let current = StoredSnapshot::read_meta(&db)?;
-            if current.is_none_or(|c| c.last_log_id < stored.meta.last_log_id) {
-                let mut batch = WriteBatch::default();
-                stored.put(&db, &mut batch)?;
-                db.write(batch).map_err(io::Error::other)?;
+            let current = read_current(&db)?;
+            if current.is_none_or(|(c, _)| c.last_log_id < meta.last_log_id) {
+                make_current(&db, &dir, &meta, &name, WriteBatch::default())?;
+            } else {
+                // A newer snapshot was installed meanwhile.
+                std::fs::remove_file(&path)?;
             }
-            Ok(stored)
+            Ok((meta, file, bytes))
         })
         .await
         .map_err(io::Error::other)??;
-        tracing::info!(last_log_id = ?stored.meta.last_log_id, bytes = stored.data.len(), "built snapshot");
-        Ok(SnapshotOf::<TypeConfig, _> { meta: stored.meta, snapshot: Cursor::new(stored.data) })
+        tracing::info!(last_log_id = ?meta.last_log_id, bytes, "built snapshot");
+        Ok(SnapshotOf::<TypeConfig, _> { meta, snapshot: file })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotFile;
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> io::Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>)> {
@@ -572,45 +711,30 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMetaOf<TypeConfig>,
-        snapshot: Cursor<Vec<u8>>,
-    ) -> io::Result<()> {
-        let data = snapshot.into_inner();
-        let parsed: SnapshotData = decode(&data)?;
-        let stored = StoredSnapshot { meta: meta.clone(), data };
+    async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<TypeConfig>, snapshot: SnapshotFile) -> io::Result<()> {
         let db = self.db.clone();
-        let count = parsed.records.len();
+        let dir = self.snapshot_dir.clone();
         let lock = self.snapshot_lock.clone();
-        tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let meta = meta.clone();
+        let (meta, count) = tokio::task::spawn_blocking(move || -> io::Result<_> {
             let _guard = lock.lock().map_err(|_| io::Error::other("snapshot lock poisoned"))?;
+            // A durable copy of this node's own, every record checked before
+            // anything of the state machine changes.
+            let mut writer = snapshot::Writer::create(&dir)?;
+            for line in received_records(snapshot)? {
+                let line = line?;
+                let _: TxnRecord = decode(&line)?;
+                writer.record(&line)?;
+            }
+            let (name, _) = writer.finish()?;
+            // From here on the install is finished even if the node stops
+            // part way: opening the store runs `load` again.
+            let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
             let mut batch = WriteBatch::default();
-            for name in [cf::SM_RECORDS, cf::SM_KEYS, cf::SM_COMPLETED] {
-                let cf = db.cf_handle(name).expect("state machine column family");
-                for item in db.iterator_cf(&cf, IteratorMode::Start) {
-                    let (key, _) = item.map_err(io::Error::other)?;
-                    batch.delete_cf(&cf, key);
-                }
-            }
-            let records_cf = db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
-            let keys_cf = db.cf_handle(cf::SM_KEYS).expect("sm_keys column family");
-            let completed_cf = db.cf_handle(cf::SM_COMPLETED).expect("sm_completed column family");
-            for record in &parsed.records {
-                batch.put_cf(&records_cf, record.txid.as_str(), encode(record)?);
-                if let Decision::Commit { idempotency_key: Some(k), .. } = &record.decision {
-                    batch.put_cf(&keys_cf, k.as_bytes(), record.txid.as_str().as_bytes());
-                }
-                if let Some(at) = record.completed_unix_ms {
-                    batch.put_cf(&completed_cf, completed_key(at, &record.txid), []);
-                }
-            }
-            let meta_cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
-            batch.put_cf(&meta_cf, KEY_LAST_APPLIED, encode(&stored.meta.last_log_id)?);
-            batch.put_cf(&meta_cf, KEY_MEMBERSHIP, encode(&stored.meta.last_membership)?);
-            stored.put(&db, &mut batch)?;
-            db.write(batch).map_err(io::Error::other)?;
-            db.flush_wal(true).map_err(io::Error::other)
+            batch.put_cf(&cf, KEY_SNAPSHOT_INSTALLING, encode(&(&meta, &name))?);
+            write_synced(&db, batch)?;
+            let count = load(&db, &dir, &meta, &name)?;
+            Ok((meta, count))
         })
         .await
         .map_err(io::Error::other)??;
@@ -618,13 +742,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>>> {
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>> {
         let db = self.db.clone();
-        let stored =
-            tokio::task::spawn_blocking(move || -> io::Result<Option<StoredSnapshot>> { StoredSnapshot::read(&db) })
-                .await
-                .map_err(io::Error::other)??;
-        Ok(stored.map(|s| SnapshotOf::<TypeConfig, _> { meta: s.meta, snapshot: Cursor::new(s.data) }))
+        let dir = self.snapshot_dir.clone();
+        let lock = self.snapshot_lock.clone();
+        tokio::task::spawn_blocking(move || -> io::Result<_> {
+            // Under the lock: the file is not replaced before it is open.
+            let _guard = lock.lock().map_err(|_| io::Error::other("snapshot lock poisoned"))?;
+            let Some((meta, name)) = read_current(&db)? else { return Ok(None) };
+            Ok(Some(SnapshotOf::<TypeConfig, _> { meta, snapshot: SnapshotFile::open(&dir.join(name))? }))
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 }
 
@@ -633,6 +762,7 @@ mod tests {
     use futures::stream;
 
     use super::*;
+    use crate::raft::DecideItem;
     use crate::txn::Branch;
 
     fn commit(key: Option<&str>) -> Decision {
@@ -675,6 +805,14 @@ mod tests {
             apply_entries(&self.sm.db, entries.iter()).unwrap()
         }
 
+        /// Closes the store and opens it again.
+        fn reopen(self) -> Self {
+            let Fixture { _dir, sm, index } = self;
+            drop(sm);
+            let (_, sm) = crate::raft::open_store(_dir.path()).unwrap();
+            Self { _dir, sm, index }
+        }
+
         async fn one(&mut self, at: u64, op: Op) -> CommandResponse {
             self.apply(vec![Command::new(at, op)]).await.pop().unwrap()
         }
@@ -691,6 +829,48 @@ mod tests {
         assert!(record.decision.is_commit());
         assert_eq!(record.decided_unix_ms, 10);
         assert_eq!(record.decided_log_index, 1);
+    }
+
+    #[tokio::test]
+    async fn a_decide_batch_answers_each_decision_as_its_own_entry_would() {
+        let item = |t: &str, decision: Decision| DecideItem { txid: txid(t), decision, info: TxnInfo::default() };
+        let items = vec![
+            item("t1", commit(Some("k"))),
+            item("t1", abort()),
+            item("t2", commit(Some("k"))),
+            item("t3", Decision::Commit { branches: Vec::new(), idempotency_key: None }),
+            item("t4", abort()),
+        ];
+        let mut alone = Fixture::new();
+        let mut expected = Vec::new();
+        for i in &items {
+            let op = Op::Decide { txid: i.txid.clone(), decision: i.decision.clone(), info: i.info.clone() };
+            expected.push(alone.one(5, op).await);
+        }
+        let mut batched = Fixture::new();
+        let r = batched.one(5, Op::DecideBatch { items: items.clone() }).await;
+        let CommandResponse::DecidedBatch { responses } = r else { panic!("{r:?}") };
+        assert_eq!(responses.len(), expected.len());
+        for (got, want) in responses.iter().zip(&expected) {
+            match (got, want) {
+                (
+                    CommandResponse::Decided { won, record },
+                    CommandResponse::Decided { won: want_won, record: want_record },
+                ) => {
+                    assert_eq!(won, want_won);
+                    assert_eq!(record.decision, want_record.decision);
+                    // Every decision of the batch has the batch's index.
+                    assert_eq!(record.decided_log_index, 1);
+                }
+                (got, want) => assert_eq!(got, want),
+            }
+        }
+        assert!(matches!(responses[2], CommandResponse::IdempotencyConflict { .. }));
+        assert!(matches!(responses[3], CommandResponse::Invalid { .. }));
+        let too_many = vec![item("t9", abort()); DECIDE_BATCH_MAX + 1];
+        let r = batched.one(6, Op::DecideBatch { items: too_many }).await;
+        assert!(matches!(r, CommandResponse::Invalid { .. }));
+        assert_eq!(batched.sm.get(txid("t9")).await.unwrap(), None);
     }
 
     #[tokio::test]
@@ -852,28 +1032,101 @@ mod tests {
         assert_eq!(current.meta, snap.meta);
     }
 
+    fn current_path(sm: &StateMachine) -> PathBuf {
+        let (_, name) = read_current(&sm.db).unwrap().unwrap();
+        sm.snapshot_dir().join(name)
+    }
+
+    async fn records_of(snapshot: SnapshotFile) -> Vec<TxnRecord> {
+        snapshot.records().unwrap().map(|l| decode(&l.unwrap()).unwrap()).collect()
+    }
+
     #[tokio::test]
-    async fn snapshots_of_earlier_builds_are_read_and_replaced() {
+    async fn a_snapshot_kept_in_rocksdb_by_an_earlier_build_moves_to_a_file() {
         let mut f = Fixture::new();
         f.one(1, Op::Decide { txid: txid("t1"), decision: abort(), info: TxnInfo::default() }).await;
         let built = f.sm.build_snapshot().await.unwrap();
-        let data = built.snapshot.into_inner();
-        // The earlier form: meta and data in one JSON value.
-        let legacy = serde_json::json!({ "meta": built.meta, "data": data });
-        let cf = f.sm.db.cf_handle(cf::SM_META).unwrap();
-        f.sm.db.put_cf(&cf, KEY_SNAPSHOT_LEGACY, serde_json::to_vec(&legacy).unwrap()).unwrap();
-        f.sm.db.delete_cf(&cf, KEY_SNAPSHOT_META).unwrap();
-        f.sm.db.delete_cf(&cf, KEY_SNAPSHOT_DATA).unwrap();
-        let read = f.sm.get_current_snapshot().await.unwrap().unwrap();
-        assert_eq!((read.meta, read.snapshot.into_inner()), (built.meta.clone(), data.clone()));
+        let record = f.sm.get(txid("t1")).await.unwrap().unwrap();
+        let data = serde_json::to_vec(&serde_json::json!({ "records": [record] })).unwrap();
+        // Both earlier layouts: meta and data under two keys, and both in
+        // one JSON value with the data as an array of numbers.
+        for whole in [false, true] {
+            let cf = f.sm.db.cf_handle(cf::SM_META).unwrap();
+            f.sm.db.delete_cf(&cf, KEY_SNAPSHOT_FILE).unwrap();
+            if whole {
+                f.sm.db.delete_cf(&cf, KEY_SNAPSHOT_META).unwrap();
+                let legacy = serde_json::json!({ "meta": built.meta, "data": data });
+                f.sm.db.put_cf(&cf, KEY_SNAPSHOT_LEGACY, serde_json::to_vec(&legacy).unwrap()).unwrap();
+            } else {
+                f.sm.db.put_cf(&cf, KEY_SNAPSHOT_DATA, &data).unwrap();
+            }
+            f = f.reopen();
+            let read = f.sm.get_current_snapshot().await.unwrap().unwrap();
+            assert_eq!(read.meta, built.meta);
+            assert_eq!(records_of(read.snapshot).await, vec![record.clone()]);
+            let cf = f.sm.db.cf_handle(cf::SM_META).unwrap();
+            assert!(f.sm.db.get_cf(&cf, KEY_SNAPSHOT_DATA).unwrap().is_none());
+            assert!(f.sm.db.get_cf(&cf, KEY_SNAPSHOT_LEGACY).unwrap().is_none());
+            assert_eq!(std::fs::read_dir(f.sm.snapshot_dir()).unwrap().count(), 1, "old files removed");
+        }
+    }
 
+    #[tokio::test]
+    async fn data_from_a_leader_of_an_earlier_build_installs() {
+        let mut f = Fixture::new();
+        f.one(1, Op::Decide { txid: txid("t1"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
+        let built = f.sm.build_snapshot().await.unwrap();
+        let record = f.sm.get(txid("t1")).await.unwrap().unwrap();
+        let mut g = Fixture::new();
+        let (file, path) = SnapshotFile::create_received(g.sm.snapshot_dir()).unwrap();
+        serde_json::to_writer(file, &serde_json::json!({ "records": [record] })).unwrap();
+        g.sm.install_snapshot(&built.meta, SnapshotFile::received(path).unwrap()).await.unwrap();
+        assert_eq!(g.sm.get(txid("t1")).await.unwrap(), Some(record));
+        assert_eq!(std::fs::read_dir(g.sm.snapshot_dir()).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_install_cut_short_by_a_stop_is_finished_on_open() {
+        let mut f = Fixture::new();
+        f.one(1, Op::Decide { txid: txid("t1"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
+        f.one(2, Op::Complete { txid: txid("t1") }).await;
+        let built = f.sm.build_snapshot().await.unwrap();
+
+        let mut g = Fixture::new();
+        g.one(1, Op::Decide { txid: txid("t9"), decision: abort(), info: TxnInfo::default() }).await;
+        // Stopped right after the install's own copy and its marker were
+        // durable, before the state machine changed.
+        std::fs::copy(current_path(&f.sm), g.sm.snapshot_dir().join("snapshot-copy")).unwrap();
+        let cf = g.sm.db.cf_handle(cf::SM_META).unwrap();
+        g.sm.db.put_cf(&cf, KEY_SNAPSHOT_INSTALLING, encode(&(&built.meta, "snapshot-copy")).unwrap()).unwrap();
+        let mut g = g.reopen();
+
+        assert_eq!(g.sm.get(txid("t1")).await.unwrap(), f.sm.get(txid("t1")).await.unwrap());
+        assert_eq!(g.sm.get(txid("t9")).await.unwrap(), None);
+        assert_eq!(g.sm.applied_state().await.unwrap().0, built.meta.last_log_id);
+        assert_eq!(g.sm.get_current_snapshot().await.unwrap().unwrap().meta, built.meta);
+        let cf = g.sm.db.cf_handle(cf::SM_META).unwrap();
+        assert!(g.sm.db.get_cf(&cf, KEY_SNAPSHOT_INSTALLING).unwrap().is_none());
+        // The indexes came back with the records.
+        g.index = 2;
+        let r = g.one(3, Op::Decide { txid: txid("t2"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
+        assert!(matches!(r, CommandResponse::IdempotencyConflict { .. }));
+        assert_eq!(g.one(4, Op::Forget { before_unix_ms: 3 }).await, CommandResponse::Forgotten { count: 1 });
+    }
+
+    #[tokio::test]
+    async fn a_newer_snapshot_replaces_the_file_of_the_older() {
+        let mut f = Fixture::new();
+        f.one(1, Op::Decide { txid: txid("t1"), decision: abort(), info: TxnInfo::default() }).await;
+        let first = f.sm.build_snapshot().await.unwrap();
+        let first_path = current_path(&f.sm);
         f.one(2, Op::Decide { txid: txid("t2"), decision: abort(), info: TxnInfo::default() }).await;
         let newer = f.sm.build_snapshot().await.unwrap();
-        let cf = f.sm.db.cf_handle(cf::SM_META).unwrap();
-        assert!(f.sm.db.get_cf(&cf, KEY_SNAPSHOT_LEGACY).unwrap().is_none());
+        assert!(!first_path.exists());
+        // The older one, open before it was replaced, still reads whole.
+        assert_eq!(records_of(first.snapshot).await.len(), 1);
         let read = f.sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(read.meta, newer.meta);
-        let parsed: SnapshotData = decode(&read.snapshot.into_inner()).unwrap();
-        assert_eq!(parsed.records.len(), 2);
+        assert_eq!(records_of(read.snapshot).await.len(), 2);
     }
 }

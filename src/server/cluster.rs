@@ -30,12 +30,16 @@ impl ClusterService {
         Self { node, coordinator }
     }
 
-    /// The coordinator's counters and the Raft log's: entries and appends
-    /// written, and the fsyncs that made them durable (group commit shows
-    /// as many entries per fsync).
+    /// The coordinator's counters, the Raft log's (entries and appends
+    /// written, and the fsyncs that made them durable: group commit shows
+    /// as many entries per fsync), the decision batcher's (decisions per
+    /// entry) and RocksDB's memory.
     fn counters(&self) -> std::collections::HashMap<String, u64> {
         let log = self.node.log_stats.snapshot();
-        self.coordinator.metrics.snapshot().into_iter().chain(log).map(|(k, v)| (k.to_string(), v)).collect()
+        let decisions = self.node.decisions.stats().snapshot();
+        let memory = self.node.state_machine.memory();
+        let all = self.coordinator.metrics.snapshot().into_iter().chain(log).chain(decisions).chain(memory);
+        all.map(|(k, v)| (k.to_string(), v)).collect()
     }
 
     fn membership_response(&self, resp: openraft::raft::ClientWriteResponse<TypeConfig>) -> pb::MembershipResponse {

@@ -55,6 +55,7 @@ use crate::participant::Registry;
 use crate::proto;
 use crate::raft::Command;
 use crate::raft::CommandResponse;
+use crate::raft::DecideItem;
 use crate::raft::Op;
 use crate::raft::Raft;
 use crate::raft::StateMachine;
@@ -81,6 +82,8 @@ pub struct Node {
     pub log_stats: Arc<crate::raft::log_store::LogStats>,
     pub peers: PeerChannels,
     pub participants: Registry,
+    /// Where this node's decisions queue to share Raft entries.
+    pub decisions: crate::raft::batcher::Batcher,
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -91,12 +94,13 @@ impl Node {
     /// Proposes a command through Raft and waits until it is applied here.
     /// The time in the command is stamped now, on the node that proposes it,
     /// which is the leader: a follower's proposal fails with a leader hint.
+    /// Decisions go through the batcher and may share an entry.
     pub async fn propose(&self, op: Op) -> Result<CommandResponse> {
-        let cmd = Command::new(now_unix_ms(), op);
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => Ok(resp.data),
-            Err(e) => Err(self.write_error(e)),
-        }
+        let result = match op {
+            Op::Decide { txid, decision, info } => self.decisions.decide(DecideItem { txid, decision, info }).await,
+            op => self.raft.client_write(Command::new(now_unix_ms(), op)).await.map(|r| r.data),
+        };
+        result.map_err(|e| self.write_error(e))
     }
 
     /// Waits until this node, as leader, has applied everything committed
@@ -280,7 +284,8 @@ pub async fn start(config: NodeConfig) -> Result<Arc<Node>> {
     let participants = Registry::from_config(&config.participants)?;
     let checked = participants.clone();
     tokio::spawn(async move { checked.check_all().await });
-    Ok(Arc::new(Node { config, raft, state_machine, log_stats, peers, participants }))
+    let decisions = crate::raft::batcher::Batcher::start(raft.clone(), now_unix_ms);
+    Ok(Arc::new(Node { config, raft, state_machine, log_stats, peers, participants, decisions }))
 }
 
 /// Serves every gRPC service of `node` on `listener` until `shutdown`.
@@ -316,9 +321,13 @@ pub async fn run_grpc(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
-            proto::raft_server::RaftServer::new(RaftService::new(node.raft.clone(), &node.config.cluster_id))
-                .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
+            proto::raft_server::RaftServer::new(RaftService::new(
+                node.raft.clone(),
+                &node.config.cluster_id,
+                node.state_machine.snapshot_dir(),
+            ))
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
         )
         .add_service(
             proto::cluster_server::ClusterServer::new(cluster::ClusterService::new(node.clone(), coordinator.clone()))

@@ -113,6 +113,14 @@ pub struct BenchResult {
     /// the three nodes (group commit).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entries_per_fsync: Option<f64>,
+    /// Modes through the cluster: decisions per Raft entry (the decision
+    /// batcher).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decisions_per_entry: Option<f64>,
+    /// Modes through the cluster: the mean time of one fsync of the Raft
+    /// log, over the three nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fsync_ms: Option<f64>,
 }
 
 /// Where a committed transaction's time went on the leader, in mean
@@ -127,13 +135,24 @@ pub struct Split {
 
 /// The counters read from the nodes: the leader's split
 /// (`timed_commits`, `prepare_us_total`, `decide_us_total`,
-/// `phase2_us_total`), then the Raft log's `log_entries_appended` and
-/// `log_fsyncs`, each summed over the nodes that answer.
-const COUNTERS: [&str; 6] =
-    ["timed_commits", "prepare_us_total", "decide_us_total", "phase2_us_total", "log_entries_appended", "log_fsyncs"];
+/// `phase2_us_total`), the Raft log's `log_entries_appended` and
+/// `log_fsyncs`, and the decision batcher's `decisions_proposed` and
+/// `decision_entries`, and the time the log's fsyncs took, each summed over
+/// the nodes that answer.
+const COUNTERS: [&str; 9] = [
+    "timed_commits",
+    "prepare_us_total",
+    "decide_us_total",
+    "phase2_us_total",
+    "log_entries_appended",
+    "log_fsyncs",
+    "decisions_proposed",
+    "decision_entries",
+    "log_fsync_us_total",
+];
 
-async fn read_counters(nodes: &[String]) -> [u64; 6] {
-    let mut sum = [0; 6];
+async fn read_counters(nodes: &[String]) -> [u64; 9] {
+    let mut sum = [0; 9];
     for addr in nodes {
         let Ok(mut client) = Client::pinned(addr) else { continue };
         let Ok(status) = client.status().await else { continue };
@@ -144,16 +163,32 @@ async fn read_counters(nodes: &[String]) -> [u64; 6] {
     sum
 }
 
-/// The mean split, and the log entries per fsync on all nodes, between two
-/// readings of [`read_counters`].
-fn between(before: [u64; 6], after: [u64; 6]) -> (Option<Split>, Option<f64>) {
+/// What the counters show between two readings of [`read_counters`].
+#[derive(Debug, Default, PartialEq)]
+struct Counted {
+    /// The leader's mean split of a commit.
+    split: Option<Split>,
+    /// Log entries per fsync, all nodes.
+    entries_per_fsync: Option<f64>,
+    /// Decisions per Raft entry.
+    decisions_per_entry: Option<f64>,
+    /// The mean time of one fsync of the log, all nodes.
+    fsync_ms: Option<f64>,
+}
+
+fn between(before: [u64; 9], after: [u64; 9]) -> Counted {
     let d: Vec<f64> = before.iter().zip(after).map(|(b, a)| a.saturating_sub(*b) as f64).collect();
     let split = (d[0] > 0.0).then(|| Split {
         prepare_ms: d[1] / d[0] / 1000.0,
         decide_ms: d[2] / d[0] / 1000.0,
         phase2_ms: d[3] / d[0] / 1000.0,
     });
-    (split, (d[5] > 0.0).then(|| d[4] / d[5]))
+    Counted {
+        split,
+        entries_per_fsync: (d[5] > 0.0).then(|| d[4] / d[5]),
+        decisions_per_entry: (d[7] > 0.0).then(|| d[6] / d[7]),
+        fsync_ms: (d[5] > 0.0).then(|| d[8] / d[5] / 1000.0),
+    }
 }
 
 /// The stretch of a long run whose throughput is compared, early and late.
@@ -229,8 +264,11 @@ pub async fn run(cfg: &BenchConfig) -> Result<Vec<BenchResult>> {
                     "", split.prepare_ms, split.decide_ms, split.phase2_ms
                 );
             }
-            if let Some(n) = r.entries_per_fsync {
-                eprintln!("{:<15} Raft log entries per fsync: {n:.1}", "");
+            if let (Some(n), Some(ms)) = (r.entries_per_fsync, r.fsync_ms) {
+                eprintln!("{:<15} Raft log entries per fsync: {n:.1}; an fsync took {ms:.2} ms (mean)", "");
+            }
+            if let Some(n) = r.decisions_per_entry {
+                eprintln!("{:<15} decisions per Raft entry: {n:.1}", "");
             }
             if let (Some(first), Some(last)) = (r.first_window_per_s, r.last_window_per_s) {
                 eprintln!(
@@ -323,9 +361,9 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
     let mut samples = progress.await.map_err(|e| Error::Internal(format!("the bench progress task failed: {e}")))?;
     samples.push((elapsed, latencies.len() as u64));
     let (first_window_per_s, last_window_per_s) = windows(&samples, latencies.len() as u64);
-    let (split, entries_per_fsync) = match counters_before {
+    let Counted { split, entries_per_fsync, decisions_per_entry, fsync_ms } = match counters_before {
         Some(before) => between(before, read_counters(&cfg.nodes).await),
-        None => (None, None),
+        None => Counted::default(),
     };
     eprint!("\r{:100}\r", "");
     latencies.sort_unstable();
@@ -349,6 +387,8 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         last_window_per_s,
         split,
         entries_per_fsync,
+        decisions_per_entry,
+        fsync_ms,
     })
 }
 
@@ -591,15 +631,20 @@ mod tests {
             last_window_per_s: None,
             split: None,
             entries_per_fsync: None,
+            decisions_per_entry: None,
+            fsync_ms: None,
         }
     }
 
     #[test]
     fn split_is_the_mean_between_readings() {
-        let (split, per_fsync) = between([10, 1000, 2000, 3000, 50, 5], [20, 31_000, 12_000, 8000, 250, 25]);
-        assert_eq!(split, Some(Split { prepare_ms: 3.0, decide_ms: 1.0, phase2_ms: 0.5 }));
-        assert_eq!(per_fsync, Some(10.0));
-        assert_eq!(between([5, 0, 0, 0, 0, 0], [5, 9, 9, 9, 0, 0]), (None, None));
+        let counted =
+            between([10, 1000, 2000, 3000, 50, 5, 7, 1, 100], [20, 31_000, 12_000, 8000, 250, 25, 47, 11, 4100]);
+        assert_eq!(counted.split, Some(Split { prepare_ms: 3.0, decide_ms: 1.0, phase2_ms: 0.5 }));
+        assert_eq!(counted.entries_per_fsync, Some(10.0));
+        assert_eq!(counted.decisions_per_entry, Some(4.0));
+        assert_eq!(counted.fsync_ms, Some(0.2));
+        assert_eq!(between([5, 0, 0, 0, 0, 0, 0, 0, 0], [5, 9, 9, 9, 0, 0, 0, 0, 0]), Counted::default());
     }
 
     #[test]

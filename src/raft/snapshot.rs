@@ -1,0 +1,312 @@
+//! Snapshot files.
+//!
+//! A snapshot's data is a file in the node's `snapshots` directory (inside
+//! its data directory): a header line, one transaction record per line (its
+//! JSON, as `sm_records` stores it) and a trailer line with the number of
+//! records. Building, sending, receiving and installing a snapshot read and
+//! write it a buffer at a time, so none of them holds the whole snapshot in
+//! memory, however many records it covers. The trailer tells a complete
+//! file from one cut short by a crash or a broken transfer.
+//!
+//! `sm_meta` names the current file (`snapshot_file`) beside its meta
+//! (`snapshot_meta`), in one write. A file is fsynced and renamed into place
+//! before it is named there, and a replaced file is removed only after the
+//! new name is durable; any other file in the directory is a leftover of a
+//! crash and is removed when the node opens its store.
+
+use std::fs::File;
+use std::io;
+use std::io::BufRead;
+use std::io::BufReader;
+use std::io::BufWriter;
+use std::io::Read;
+use std::io::Write;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+
+/// The first line of a snapshot file.
+const HEADER: &[u8] = b"tandem-snapshot 1\n";
+/// The last line starts with this, then the record count.
+const TRAILER: &[u8] = b"end ";
+/// The directory, inside the node's data directory.
+const DIR: &str = "snapshots";
+/// Names of complete snapshot files start with this.
+const PREFIX: &str = "snapshot-";
+/// A record line longer than this is not a record: the file is damaged.
+const LINE_BYTES_MAX: usize = 64 << 20;
+
+/// A snapshot's data: an open snapshot file, read from its start. A received
+/// file (not yet installed) is removed when dropped; an open file stays
+/// readable after it is removed, so a snapshot being sent survives its
+/// replacement.
+#[derive(Debug)]
+pub struct SnapshotFile {
+    file: File,
+    path: PathBuf,
+    received: bool,
+}
+
+impl SnapshotFile {
+    /// Opens a complete snapshot file for reading.
+    pub(crate) fn open(path: &Path) -> io::Result<Self> {
+        Ok(Self { file: File::open(path)?, path: path.to_path_buf(), received: false })
+    }
+
+    /// A new, empty file for a snapshot arriving from the leader. Write the
+    /// data to the returned file, then [`SnapshotFile::received`].
+    pub fn create_received(dir: &Path) -> io::Result<(File, PathBuf)> {
+        let path = dir.join(format!(".received-{}", unique()));
+        Ok((File::create(&path)?, path))
+    }
+
+    /// The data written to `path` (by [`SnapshotFile::create_received`]),
+    /// to be installed; the file is removed when this is dropped.
+    pub fn received(path: PathBuf) -> io::Result<Self> {
+        let file = File::open(&path);
+        if file.is_err() {
+            std::fs::remove_file(&path).ok();
+        }
+        Ok(Self { file: file?, path, received: true })
+    }
+
+    /// The file, for reading from its start.
+    pub fn into_file(self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// The records' JSON, one by one, checked against the trailer.
+    pub(crate) fn records(self) -> io::Result<Records> {
+        Records::new(self.file.try_clone()?)
+    }
+}
+
+impl Drop for SnapshotFile {
+    fn drop(&mut self) {
+        if self.received {
+            std::fs::remove_file(&self.path).ok();
+        }
+    }
+}
+
+/// The node's snapshot directory, created if missing.
+pub(crate) fn dir(data_dir: &Path) -> io::Result<PathBuf> {
+    let dir = data_dir.join(DIR);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Removes every file of `dir` but `keep`. At open, nothing else is in use;
+/// later, only complete snapshots are removed, since a build or a transfer
+/// may be writing a file of its own meanwhile.
+pub(crate) fn remove_others(dir: &Path, keep: Option<&str>, at_open: bool) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if Some(name) == keep || !(at_open || name.starts_with(PREFIX)) {
+            continue;
+        }
+        std::fs::remove_file(entry.path())?;
+    }
+    Ok(())
+}
+
+/// Unique within the process, and across restarts (the time).
+fn unique() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{nanos}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Writes a new snapshot file, one record at a time.
+pub(crate) struct Writer {
+    out: BufWriter<File>,
+    dir: PathBuf,
+    tmp: PathBuf,
+    count: u64,
+    bytes: u64,
+}
+
+impl Writer {
+    pub(crate) fn create(dir: &Path) -> io::Result<Self> {
+        let tmp = dir.join(format!(".building-{}", unique()));
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        out.write_all(HEADER)?;
+        Ok(Self { out, dir: dir.to_path_buf(), tmp, count: 0, bytes: HEADER.len() as u64 })
+    }
+
+    /// Adds one record's JSON (compact JSON has no raw newline).
+    pub(crate) fn record(&mut self, json: &[u8]) -> io::Result<()> {
+        if json.contains(&b'\n') || json.starts_with(TRAILER) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "a snapshot record is not one line of JSON"));
+        }
+        self.out.write_all(json)?;
+        self.out.write_all(b"\n")?;
+        self.count += 1;
+        self.bytes += json.len() as u64 + 1;
+        Ok(())
+    }
+
+    /// Ends the file, makes it durable under its final name and returns the
+    /// name and the file's size.
+    pub(crate) fn finish(mut self) -> io::Result<(String, u64)> {
+        let trailer = format!("end {}\n", self.count);
+        self.out.write_all(trailer.as_bytes())?;
+        self.out.flush()?;
+        self.out.get_ref().sync_all()?;
+        let name = format!("{PREFIX}{}", unique());
+        std::fs::rename(&self.tmp, self.dir.join(&name))?;
+        File::open(&self.dir)?.sync_all()?;
+        Ok((name, self.bytes + trailer.len() as u64))
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Unfinished (an error on the way), nothing names the file; finished,
+        // it has its final name already.
+        std::fs::remove_file(&self.tmp).ok();
+    }
+}
+
+/// The records of a snapshot file.
+pub(crate) struct Records {
+    input: BufReader<File>,
+    count: u64,
+    done: bool,
+}
+
+impl Records {
+    pub(crate) fn new(file: File) -> io::Result<Self> {
+        let mut input = BufReader::with_capacity(1 << 20, file);
+        let mut header = vec![0; HEADER.len()];
+        input.read_exact(&mut header).map_err(|_| damaged("no header"))?;
+        if header != HEADER {
+            return Err(damaged("not a snapshot file of this version"));
+        }
+        Ok(Self { input, count: 0, done: false })
+    }
+
+    fn next_record(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut line = Vec::new();
+        let n = (&mut self.input).take(LINE_BYTES_MAX as u64 + 1).read_until(b'\n', &mut line)?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            return Err(damaged("it ends without its trailer"));
+        }
+        line.pop();
+        if let Some(count) = line.strip_prefix(TRAILER) {
+            let count: u64 = std::str::from_utf8(count)
+                .ok()
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| damaged("unreadable trailer"))?;
+            if count != self.count {
+                return Err(damaged("the record count differs from the trailer's"));
+            }
+            let mut rest = [0u8; 1];
+            if self.input.read(&mut rest)? != 0 {
+                return Err(damaged("data after the trailer"));
+            }
+            return Ok(None);
+        }
+        self.count += 1;
+        Ok(Some(line))
+    }
+}
+
+impl Iterator for Records {
+    type Item = io::Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let next = self.next_record();
+        if !matches!(next, Ok(Some(_))) {
+            self.done = true;
+        }
+        next.transpose()
+    }
+}
+
+fn damaged(why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("snapshot file damaged: {why}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, records: &[&str]) -> PathBuf {
+        let mut w = Writer::create(dir).unwrap();
+        for r in records {
+            w.record(r.as_bytes()).unwrap();
+        }
+        let (name, bytes) = w.finish().unwrap();
+        let path = dir.join(name);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes);
+        path
+    }
+
+    fn read(path: &Path) -> io::Result<Vec<String>> {
+        SnapshotFile::open(path)?.records()?.map(|r| r.map(|l| String::from_utf8(l).unwrap())).collect()
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &["{\"a\":1}", "{\"b\":2}"]);
+        assert_eq!(read(&path).unwrap(), vec!["{\"a\":1}", "{\"b\":2}"]);
+        let empty = write(dir.path(), &[]);
+        assert!(read(&empty).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_file_cut_short_or_extended_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &["{\"a\":1}", "{\"b\":2}"]);
+        let full = std::fs::read(&path).unwrap();
+        // Cut anywhere, even at a line boundary, the file is refused.
+        for len in 0..full.len() {
+            std::fs::write(&path, &full[..len]).unwrap();
+            assert!(read(&path).is_err(), "accepted a file cut to {len} bytes");
+        }
+        let mut longer = full.clone();
+        longer.extend_from_slice(b"{\"c\":3}\n");
+        std::fs::write(&path, &longer).unwrap();
+        assert!(read(&path).is_err());
+        // A line dropped from the middle: the count no longer matches.
+        let text = String::from_utf8(full).unwrap().replace("{\"a\":1}\n", "");
+        std::fs::write(&path, text).unwrap();
+        assert!(read(&path).is_err());
+    }
+
+    #[test]
+    fn a_record_must_be_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::create(dir.path()).unwrap();
+        assert!(w.record(b"{\"a\":\n1}").is_err());
+        assert!(w.record(b"end 0").is_err());
+        drop(w);
+        // The unfinished file is gone.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn leftovers_are_removed_and_received_files_with_their_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = write(dir.path(), &["{}"]);
+        let old = write(dir.path(), &["{}"]);
+        let (mut file, path) = SnapshotFile::create_received(dir.path()).unwrap();
+        file.write_all(b"partial").unwrap();
+        remove_others(dir.path(), keep.file_name().unwrap().to_str(), false).unwrap();
+        assert!(keep.exists() && !old.exists() && path.exists(), "a transfer's file is left to its holder");
+        let received = SnapshotFile::received(path.clone()).unwrap();
+        drop(received);
+        assert!(!path.exists());
+        SnapshotFile::create_received(dir.path()).unwrap();
+        remove_others(dir.path(), keep.file_name().unwrap().to_str(), true).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}
