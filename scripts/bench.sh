@@ -5,7 +5,7 @@
 #
 #   scripts/bench.sh [--duration SECONDS] [--concurrency N,...] [--json FILE]
 #                    [--modes M,...] [--svg FILE] [--transactions N]
-#                    [--retention-s S]
+#                    [--retention-s S] [--clients-per-connection N]
 #
 # Sets everything up on free ports: two throwaway PostgreSQL servers with
 # fsync on (bench_a, bench_b), the cluster with them as participants. Each
@@ -18,6 +18,8 @@
 # completed records S seconds (at least 130; the cluster's own files say a
 # day), so that a long run shows disk use level off once records expire;
 # the longest transaction timeout becomes S - 120 seconds.
+# Clients through the cluster share connections, N to one connection per
+# node (default 16, as one service's callers would); 1 gives each its own.
 # Every 5 s each node's resident memory and data size go to
 # .tandem/bench/resources.csv; the end prints their peaks.
 #
@@ -29,7 +31,7 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 
 DURATION=10 CONCURRENCY=1,16,64,256 JSON="" SVG="" MODES=tandem,bare_2pc,non_atomic,single_db,decisions_only
-TRANSACTIONS="" RETENTION=""
+TRANSACTIONS="" RETENTION="" PER_CONNECTION=16
 while (($#)); do
     case "$1" in
         --duration) DURATION=$2 ;;
@@ -39,7 +41,8 @@ while (($#)); do
         --modes) MODES=$2 ;;
         --transactions) TRANSACTIONS=$2 ;;
         --retention-s) RETENTION=$2 ;;
-        *) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+        --clients-per-connection) PER_CONNECTION=$2 ;;
+        *) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
     esac
     shift 2
 done
@@ -122,7 +125,7 @@ if [ -n "$TRANSACTIONS" ]; then
 fi
 log "benchmark: $length per mode and client count ($CONCURRENCY clients; $MODES)"
 RUST_LOG=${RUST_LOG:-warn} "$TANDEM_BIN" bench --participants "$PGDIR/participants.toml" --modes "$MODES" \
-    --concurrency "$CONCURRENCY" "${run[@]}" --json "$JSON" --svg "$SVG"
+    --concurrency "$CONCURRENCY" "${run[@]}" --clients-per-connection "$PER_CONNECTION" --json "$JSON" --svg "$SVG"
 log "results: $JSON; chart: $SVG"
 awk -F, 'NR > 1 && $3 != "" {
         if ($3 > rss[$2]) rss[$2] = $3

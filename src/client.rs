@@ -92,6 +92,13 @@ impl Client {
         Ok(c)
     }
 
+    /// A client on this one's connections: concurrent callers multiplex
+    /// their requests on one HTTP/2 connection per node, as one service's
+    /// callers usually do.
+    pub fn share(&self) -> Self {
+        Self { addrs: self.addrs.clone(), current: self.current, pinned: self.pinned, channels: self.channels.clone() }
+    }
+
     /// The address requests currently go to.
     pub fn current_addr(&self) -> &str {
         &self.addrs[self.current]

@@ -74,6 +74,10 @@ struct BenchArgs {
     accounts: i64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Clients (of the modes through the cluster) sharing one connection to
+    /// each node; 1 gives each client its own.
+    #[arg(long, default_value_t = 16)]
+    clients_per_connection: usize,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -408,6 +412,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
         transactions: args.transactions.map(|n| n.max(1)),
         accounts: args.accounts.max(1),
         seed: args.seed,
+        clients_per_connection: args.clients_per_connection.max(1),
     };
     eprintln!("setting up {} accounts in bench_a and bench_b", cfg.accounts);
     bench::setup(&cfg).await?;

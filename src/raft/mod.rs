@@ -14,7 +14,7 @@
 //!   only after the write-ahead log is fsynced; one fsync covers every append
 //!   queued behind it (group commit).
 //! - [`state_machine`]: applies [`Command`]s to transaction records in RocksDB,
-//!   builds and installs snapshots, which are files ([`snapshot`]). Once a
+//!   builds and installs snapshots, which are checkpoints ([`snapshot`]). Once a
 //!   snapshot covers a stretch of log, openraft purges that stretch, so disk
 //!   use stays bounded.
 //! - [`network`]: node-to-node RPC (vote, append, snapshot) over tonic, one
@@ -42,10 +42,10 @@
 //! | `sm_keys` | idempotency key | txid |
 //! | `sm_completed` | completed time (u64 BE) + txid | empty |
 //! | `sm_meta` | `last_applied`, `membership`, `snapshot_meta` | JSON |
-//! | `sm_meta` | `snapshot_file` | the current snapshot's file name |
+//! | `sm_meta` | `snapshot_file` | the current snapshot's checkpoint |
 //!
-//! Snapshots are files in the `snapshots` directory beside RocksDB's own
-//! (see [`snapshot`]).
+//! Snapshots are RocksDB checkpoints in the `snapshots` directory beside
+//! RocksDB's own files (see [`snapshot`]).
 //!
 //! The log and the state machine share one write-ahead log, so a crash
 //! recovers a prefix of all writes: the state machine is never ahead of a
@@ -252,6 +252,9 @@ pub fn open_store(dir: &Path) -> Result<(LogStore, StateMachine)> {
     // own block cache), the memtables of all of them together are capped,
     // and one block cache serves them all.
     opts.set_db_write_buffer_size(MEMTABLES_BYTES_MAX);
+    // The column families flush together, so a checkpoint (a snapshot) is
+    // of one point in time across them.
+    opts.set_atomic_flush(true);
     let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
     let cf_options = || {
         let mut o = Options::default();

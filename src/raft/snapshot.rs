@@ -1,18 +1,24 @@
-//! Snapshot files.
+//! Snapshots: RocksDB checkpoints, and the files they travel as.
 //!
-//! A snapshot's data is a file in the node's `snapshots` directory (inside
-//! its data directory): a header line, one transaction record per line (its
-//! JSON, as `sm_records` stores it) and a trailer line with the number of
-//! records. Building, sending, receiving and installing a snapshot read and
-//! write it a buffer at a time, so none of them holds the whole snapshot in
-//! memory, however many records it covers. The trailer tells a complete
+//! The current snapshot is a checkpoint of the node's RocksDB in its
+//! `snapshots` directory (inside the data directory): RocksDB's consistent
+//! copy of the database whose files are hard links to the live ones. Making
+//! one costs a memtable flush, not a copy of the state, however many records
+//! the state holds; the records are read out of it only when a follower
+//! needs the snapshot.
+//!
+//! A snapshot travels, and is kept while it is installed, as a snapshot
+//! file: a header line, one transaction record per line (its JSON, as
+//! `sm_records` stores it) and a trailer line with the number of records.
+//! Sending, receiving and installing read and write it a buffer at a time,
+//! so none holds the whole snapshot in memory. The trailer tells a complete
 //! file from one cut short by a crash or a broken transfer.
 //!
-//! `sm_meta` names the current file (`snapshot_file`) beside its meta
-//! (`snapshot_meta`), in one write. A file is fsynced and renamed into place
-//! before it is named there, and a replaced file is removed only after the
-//! new name is durable; any other file in the directory is a leftover of a
-//! crash and is removed when the node opens its store.
+//! `sm_meta` names the current checkpoint (`snapshot_file`) beside its meta
+//! (`snapshot_meta`), in one write. A checkpoint or file is durable before
+//! it is named there, and a replaced one is removed only after the new name
+//! is durable; anything else in the directory is a leftover of a crash and
+//! is removed when the node opens its store.
 
 use std::fs::File;
 use std::io;
@@ -26,6 +32,10 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 
+use rocksdb::DB;
+
+use super::cf;
+
 /// The first line of a snapshot file.
 const HEADER: &[u8] = b"tandem-snapshot 1\n";
 /// The last line starts with this, then the record count.
@@ -34,24 +44,42 @@ const TRAILER: &[u8] = b"end ";
 const DIR: &str = "snapshots";
 /// Names of complete snapshot files start with this.
 const PREFIX: &str = "snapshot-";
+/// Names of checkpoints start with this.
+const CHECKPOINT_PREFIX: &str = "checkpoint-";
 /// A record line longer than this is not a record: the file is damaged.
 const LINE_BYTES_MAX: usize = 64 << 20;
 
-/// A snapshot's data: an open snapshot file, read from its start. A received
-/// file (not yet installed) is removed when dropped; an open file stays
-/// readable after it is removed, so a snapshot being sent survives its
-/// replacement.
+/// A snapshot's data: a snapshot file, open for reading from its start, or
+/// a checkpoint that becomes one when read. A received file (not yet
+/// installed) is removed when dropped; an open file stays readable after it
+/// is removed, so a snapshot being sent survives its replacement.
 #[derive(Debug)]
 pub struct SnapshotFile {
-    file: File,
-    path: PathBuf,
-    received: bool,
+    data: Data,
+}
+
+#[derive(Debug)]
+enum Data {
+    File { file: File, path: PathBuf, remove_on_drop: bool },
+    Checkpoint(PathBuf),
 }
 
 impl SnapshotFile {
     /// Opens a complete snapshot file for reading.
     pub(crate) fn open(path: &Path) -> io::Result<Self> {
-        Ok(Self { file: File::open(path)?, path: path.to_path_buf(), received: false })
+        Ok(Self { data: Data::File { file: File::open(path)?, path: path.to_path_buf(), remove_on_drop: false } })
+    }
+
+    /// The checkpoint at `path`, written out as a snapshot file when read.
+    pub(crate) fn checkpoint(path: PathBuf) -> Self {
+        Self { data: Data::Checkpoint(path) }
+    }
+
+    /// The records of the checkpoint at `path`, as a snapshot file that is
+    /// gone once closed.
+    pub(crate) fn from_checkpoint(path: &Path) -> io::Result<Self> {
+        let file = write_out(path)?;
+        Ok(Self { data: Data::File { file, path: path.to_path_buf(), remove_on_drop: false } })
     }
 
     /// A new, empty file for a snapshot arriving from the leader. Write the
@@ -68,26 +96,64 @@ impl SnapshotFile {
         if file.is_err() {
             std::fs::remove_file(&path).ok();
         }
-        Ok(Self { file: file?, path, received: true })
+        Ok(Self { data: Data::File { file: file?, path, remove_on_drop: true } })
     }
 
     /// The file, for reading from its start.
     pub fn into_file(self) -> io::Result<File> {
-        self.file.try_clone()
+        match &self.data {
+            Data::File { file, .. } => file.try_clone(),
+            Data::Checkpoint(path) => write_out(path),
+        }
     }
 
     /// The records' JSON, one by one, checked against the trailer.
     pub(crate) fn records(self) -> io::Result<Records> {
-        Records::new(self.file.try_clone()?)
+        Records::new(self.into_file()?)
     }
 }
 
 impl Drop for SnapshotFile {
     fn drop(&mut self) {
-        if self.received {
-            std::fs::remove_file(&self.path).ok();
+        if let Data::File { path, remove_on_drop: true, .. } = &self.data {
+            std::fs::remove_file(path).ok();
         }
     }
+}
+
+/// Makes a checkpoint of `db` in `dir` and returns its name: RocksDB's
+/// consistent copy of the whole database, its files hard links to the live
+/// ones, so it costs a memtable flush rather than a copy of the state.
+pub(crate) fn create_checkpoint(db: &DB, dir: &Path) -> io::Result<String> {
+    let name = format!("{CHECKPOINT_PREFIX}{}", unique());
+    let checkpoint = rocksdb::checkpoint::Checkpoint::new(db).map_err(io::Error::other)?;
+    checkpoint.create_checkpoint(dir.join(&name)).map_err(io::Error::other)?;
+    File::open(dir)?.sync_all()?;
+    Ok(name)
+}
+
+/// Opens a checkpoint, read-only.
+pub(crate) fn open_checkpoint(path: &Path) -> io::Result<DB> {
+    let mut opts = rocksdb::Options::default();
+    opts.set_max_open_files(64);
+    DB::open_cf_for_read_only(&opts, path, cf::ALL, false).map_err(io::Error::other)
+}
+
+/// The records of the checkpoint at `path` written to a snapshot file, open
+/// and already removed.
+fn write_out(path: &Path) -> io::Result<File> {
+    let db = open_checkpoint(path)?;
+    let dir = path.parent().ok_or_else(|| io::Error::other("a checkpoint has a parent directory"))?;
+    let records = db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
+    let mut writer = Writer::create(dir)?;
+    for item in db.iterator_cf(&records, rocksdb::IteratorMode::Start) {
+        let (_, value) = item.map_err(io::Error::other)?;
+        writer.record(&value)?;
+    }
+    let (name, _) = writer.finish()?;
+    let file = File::open(dir.join(&name))?;
+    std::fs::remove_file(dir.join(&name))?;
+    Ok(file)
 }
 
 /// The node's snapshot directory, created if missing.
@@ -97,20 +163,30 @@ pub(crate) fn dir(data_dir: &Path) -> io::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Removes every file of `dir` but `keep`. At open, nothing else is in use;
-/// later, only complete snapshots are removed, since a build or a transfer
-/// may be writing a file of its own meanwhile.
+/// Removes everything in `dir` but `keep`. At open, nothing else is in
+/// use; later, only complete snapshot files and checkpoints are removed,
+/// since a build or a transfer may be writing a file of its own meanwhile.
 pub(crate) fn remove_others(dir: &Path, keep: Option<&str>, at_open: bool) -> io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if Some(name) == keep || !(at_open || name.starts_with(PREFIX)) {
+        let complete = name.starts_with(PREFIX) || name.starts_with(CHECKPOINT_PREFIX);
+        if Some(name) == keep || !(at_open || complete) {
             continue;
         }
-        std::fs::remove_file(entry.path())?;
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())?;
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
     }
     Ok(())
+}
+
+/// Whether `name` is a checkpoint (rather than a snapshot file).
+pub(crate) fn is_checkpoint(name: &str) -> bool {
+    name.starts_with(CHECKPOINT_PREFIX)
 }
 
 /// Unique within the process, and across restarts (the time).

@@ -96,8 +96,8 @@ pub struct StateMachine {
 }
 
 /// How earlier builds kept a snapshot's data: `{"records": [...]}`, held
-/// in `sm_meta`. Converted to a file when the store opens, and still read
-/// from an older leader.
+/// in `sm_meta`. Replaced by a checkpoint when the store opens, and still
+/// read when an older leader sends it.
 #[derive(Deserialize)]
 struct LegacyData {
     records: Vec<TxnRecord>,
@@ -168,10 +168,10 @@ fn write_synced(db: &DB, batch: WriteBatch) -> io::Result<()> {
 }
 
 /// Replaces the state machine with the snapshot in file `name`: the records
-/// a write at a time, then the applied position and the snapshot's name in
-/// one durable write. Run again after a crash part way (see
-/// [`StateMachine::open`]), it finishes the job: the file stays until the
-/// last write names it current. Returns the number of records.
+/// a write at a time, then the applied position, durably; then a checkpoint
+/// of the result becomes the current snapshot. Run again after a stop part
+/// way (see [`StateMachine::open`]), it finishes the job: the file stays
+/// until the checkpoint is named current. Returns the number of records.
 fn load(db: &DB, dir: &Path, meta: &SnapshotMetaOf<TypeConfig>, name: &str) -> io::Result<u64> {
     for name in [cf::SM_RECORDS, cf::SM_KEYS, cf::SM_COMPLETED] {
         let cf = db.cf_handle(name).expect("state machine column family");
@@ -208,8 +208,26 @@ fn load(db: &DB, dir: &Path, meta: &SnapshotMetaOf<TypeConfig>, name: &str) -> i
     let meta_cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
     batch.put_cf(&meta_cf, KEY_LAST_APPLIED, encode(&meta.last_log_id)?);
     batch.put_cf(&meta_cf, KEY_MEMBERSHIP, encode(&meta.last_membership)?);
-    make_current(db, dir, meta, name, batch)?;
+    write_synced(db, batch)?;
+    // The installed state is the new current snapshot; the file goes.
+    let checkpoint = snapshot::create_checkpoint(db, dir)?;
+    make_current(db, dir, meta, &checkpoint, WriteBatch::default())?;
     Ok(count)
+}
+
+/// The applied position and membership a checkpoint holds: its snapshot's
+/// meta.
+fn checkpoint_meta(path: &Path) -> io::Result<SnapshotMetaOf<TypeConfig>> {
+    let (last_log_id, last_membership) = StateMachine::applied_state_blocking(&snapshot::open_checkpoint(path)?)?;
+    Ok(SnapshotMetaOf::<TypeConfig> { last_log_id, last_membership })
+}
+
+/// Makes a checkpoint of the state as it is the current snapshot.
+fn checkpoint_now(db: &DB, dir: &Path) -> io::Result<SnapshotMetaOf<TypeConfig>> {
+    let name = snapshot::create_checkpoint(db, dir)?;
+    let meta = checkpoint_meta(&dir.join(&name))?;
+    make_current(db, dir, &meta, &name, WriteBatch::default())?;
+    Ok(meta)
 }
 
 /// The records' JSON of a snapshot's data: a snapshot file, or the data of
@@ -238,17 +256,19 @@ impl StateMachine {
             let (meta, name): (SnapshotMetaOf<TypeConfig>, String) = decode(&bytes)?;
             tracing::warn!(last_log_id = ?meta.last_log_id, "finishing a snapshot install that a stop interrupted");
             load(&db, &dir, &meta, &name)?;
-        } else if db.get_cf(&cf, KEY_SNAPSHOT_FILE)?.is_none()
-            && let Some((meta, data)) = read_legacy(&db)?
-        {
-            let legacy: LegacyData = decode(&data)?;
-            let mut writer = snapshot::Writer::create(&dir)?;
-            for record in &legacy.records {
-                writer.record(&encode(record)?)?;
+        } else {
+            // A snapshot kept in RocksDB, or as a file, by an earlier build:
+            // the state holds all it held, and a checkpoint of the state
+            // replaces it.
+            let current = read_current(&db)?;
+            let earlier = match &current {
+                Some((_, name)) => !snapshot::is_checkpoint(name),
+                None => read_legacy(&db)?.is_some(),
+            };
+            if earlier {
+                let meta = checkpoint_now(&db, &dir)?;
+                tracing::info!(last_log_id = ?meta.last_log_id, "replaced an earlier build's snapshot with a checkpoint");
             }
-            let (name, _) = writer.finish()?;
-            make_current(&db, &dir, &meta, &name, WriteBatch::default())?;
-            tracing::info!(last_log_id = ?meta.last_log_id, "moved the snapshot to a file");
         }
         let current = read_current(&db)?.map(|(_, name)| name);
         snapshot::remove_others(&dir, current.as_deref(), true)?;
@@ -629,46 +649,26 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let db = self.db.clone();
         let dir = self.snapshot_dir.clone();
         let lock = self.snapshot_lock.clone();
-        let (meta, file, bytes) = tokio::task::spawn_blocking(move || -> io::Result<_> {
-            // One RocksDB snapshot: the records and the applied position are
-            // read at the same point.
-            let snap = db.snapshot();
-            let meta_cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
-            let last_log_id: Option<LogIdOf<TypeConfig>> =
-                match snap.get_cf(&meta_cf, KEY_LAST_APPLIED).map_err(io::Error::other)? {
-                    Some(b) => decode(&b)?,
-                    None => None,
-                };
-            let last_membership = match snap.get_cf(&meta_cf, KEY_MEMBERSHIP).map_err(io::Error::other)? {
-                Some(b) => decode(&b)?,
-                None => StoredMembershipOf::<TypeConfig>::default(),
-            };
-            let records_cf = db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
-            // The records are stored as JSON already: copied as they are.
-            let mut writer = snapshot::Writer::create(&dir)?;
-            for item in snap.iterator_cf(&records_cf, IteratorMode::Start) {
-                let (_, value) = item.map_err(io::Error::other)?;
-                writer.record(&value)?;
-            }
-            drop(snap);
-            let (name, bytes) = writer.finish()?;
-            let meta = SnapshotMetaOf::<TypeConfig> { last_log_id, last_membership };
+        let (meta, path) = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            // A checkpoint is consistent: its records and applied position
+            // are of one point in time.
+            let name = snapshot::create_checkpoint(&db, &dir)?;
             let path = dir.join(&name);
-            let file = SnapshotFile::open(&path)?;
+            let meta = checkpoint_meta(&path)?;
             let _guard = lock.lock().map_err(|_| io::Error::other("snapshot lock poisoned"))?;
             let current = read_current(&db)?;
             if current.is_none_or(|(c, _)| c.last_log_id < meta.last_log_id) {
                 make_current(&db, &dir, &meta, &name, WriteBatch::default())?;
             } else {
                 // A newer snapshot was installed meanwhile.
-                std::fs::remove_file(&path)?;
+                std::fs::remove_dir_all(&path)?;
             }
-            Ok((meta, file, bytes))
+            Ok((meta, path))
         })
         .await
         .map_err(io::Error::other)??;
-        tracing::info!(last_log_id = ?meta.last_log_id, bytes, "built snapshot");
-        Ok(SnapshotOf::<TypeConfig, _> { meta, snapshot: file })
+        tracing::info!(last_log_id = ?meta.last_log_id, "built snapshot");
+        Ok(SnapshotOf::<TypeConfig, _> { meta, snapshot: SnapshotFile::checkpoint(path) })
     }
 }
 
@@ -747,10 +747,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let dir = self.snapshot_dir.clone();
         let lock = self.snapshot_lock.clone();
         tokio::task::spawn_blocking(move || -> io::Result<_> {
-            // Under the lock: the file is not replaced before it is open.
+            // Under the lock: the checkpoint is not replaced while it is
+            // written out.
             let _guard = lock.lock().map_err(|_| io::Error::other("snapshot lock poisoned"))?;
             let Some((meta, name)) = read_current(&db)? else { return Ok(None) };
-            Ok(Some(SnapshotOf::<TypeConfig, _> { meta, snapshot: SnapshotFile::open(&dir.join(name))? }))
+            let snapshot = SnapshotFile::from_checkpoint(&dir.join(name))?;
+            Ok(Some(SnapshotOf::<TypeConfig, _> { meta, snapshot }))
         })
         .await
         .map_err(io::Error::other)?
@@ -1042,7 +1044,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_snapshot_kept_in_rocksdb_by_an_earlier_build_moves_to_a_file() {
+    async fn a_snapshot_kept_in_rocksdb_by_an_earlier_build_becomes_a_checkpoint() {
         let mut f = Fixture::new();
         f.one(1, Op::Decide { txid: txid("t1"), decision: abort(), info: TxnInfo::default() }).await;
         let built = f.sm.build_snapshot().await.unwrap();
@@ -1096,7 +1098,9 @@ mod tests {
         g.one(1, Op::Decide { txid: txid("t9"), decision: abort(), info: TxnInfo::default() }).await;
         // Stopped right after the install's own copy and its marker were
         // durable, before the state machine changed.
-        std::fs::copy(current_path(&f.sm), g.sm.snapshot_dir().join("snapshot-copy")).unwrap();
+        let mut sent = f.sm.get_current_snapshot().await.unwrap().unwrap().snapshot.into_file().unwrap();
+        let mut copy = std::fs::File::create(g.sm.snapshot_dir().join("snapshot-copy")).unwrap();
+        std::io::copy(&mut sent, &mut copy).unwrap();
         let cf = g.sm.db.cf_handle(cf::SM_META).unwrap();
         g.sm.db.put_cf(&cf, KEY_SNAPSHOT_INSTALLING, encode(&(&built.meta, "snapshot-copy")).unwrap()).unwrap();
         let mut g = g.reopen();
@@ -1114,19 +1118,51 @@ mod tests {
         assert_eq!(g.one(4, Op::Forget { before_unix_ms: 3 }).await, CommandResponse::Forgotten { count: 1 });
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_is_of_one_point_in_time() {
+        let mut f = Fixture::new();
+        let db = f.sm.db.clone();
+        // Each entry writes a record and the applied position in one write;
+        // a snapshot taken meanwhile holds as many records as its position.
+        const ENTRIES: u64 = 30_000;
+        let writer = std::thread::spawn(move || {
+            for i in 1..=ENTRIES {
+                let op = Op::Decide { txid: txid(&format!("t{i}")), decision: abort(), info: TxnInfo::default() };
+                let log_id = openraft::testing::log_id::<TypeConfig>(1, 1, i);
+                let entry = EntryOf::<TypeConfig>::new_normal(log_id, Command::new(i, op));
+                apply_entries(&db, std::iter::once(&entry)).unwrap();
+            }
+        });
+        let mut mid_way = 0;
+        while !writer.is_finished() {
+            let built = f.sm.build_snapshot().await.unwrap();
+            let at = built.meta.last_log_id.map_or(0, |l| l.index());
+            assert_eq!(records_of(built.snapshot).await.len() as u64, at);
+            if at > 0 && at < ENTRIES {
+                mid_way += 1;
+            }
+        }
+        assert!(mid_way > 0, "no snapshot was taken while entries were applied");
+        writer.join().unwrap();
+    }
+
     #[tokio::test]
-    async fn a_newer_snapshot_replaces_the_file_of_the_older() {
+    async fn a_newer_snapshot_replaces_the_older() {
         let mut f = Fixture::new();
         f.one(1, Op::Decide { txid: txid("t1"), decision: abort(), info: TxnInfo::default() }).await;
-        let first = f.sm.build_snapshot().await.unwrap();
+        f.sm.build_snapshot().await.unwrap();
         let first_path = current_path(&f.sm);
+        let sending = f.sm.get_current_snapshot().await.unwrap().unwrap();
         f.one(2, Op::Decide { txid: txid("t2"), decision: abort(), info: TxnInfo::default() }).await;
         let newer = f.sm.build_snapshot().await.unwrap();
         assert!(!first_path.exists());
-        // The older one, open before it was replaced, still reads whole.
-        assert_eq!(records_of(first.snapshot).await.len(), 1);
+        // The older one, being sent when it was replaced, still reads whole.
+        assert_eq!(records_of(sending.snapshot).await.len(), 1);
         let read = f.sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(read.meta, newer.meta);
         assert_eq!(records_of(read.snapshot).await.len(), 2);
+        // The built one reads the same.
+        assert_eq!(records_of(newer.snapshot).await.len(), 2);
+        assert_eq!(std::fs::read_dir(f.sm.snapshot_dir()).unwrap().count(), 1, "only the current one is kept");
     }
 }

@@ -84,6 +84,9 @@ pub struct BenchConfig {
     pub transactions: Option<u64>,
     pub accounts: i64,
     pub seed: u64,
+    /// Modes through the cluster: this many clients share one connection to
+    /// each node (1: each its own).
+    pub clients_per_connection: usize,
 }
 
 /// One mode at one concurrency.
@@ -290,8 +293,13 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
     let through_cluster = matches!(mode, Mode::Tandem | Mode::DecisionsOnly);
     let counters_before = if through_cluster { Some(read_counters(&cfg.nodes).await) } else { None };
     let mut workers = Vec::with_capacity(concurrency);
+    let mut shared: Option<Client> = None;
     for w in 0..concurrency {
-        let worker = Worker::connect(cfg, mode, w).await?;
+        if w % cfg.clients_per_connection.max(1) == 0 {
+            shared = Some(Client::new(&cfg.nodes)?);
+        }
+        let client = shared.as_ref().map(Client::share).expect("made at the first worker");
+        let worker = Worker::connect(cfg, mode, w, client).await?;
         let (stop, done) = (stop.clone(), done.clone());
         let mut rng = Rng::new(cfg.seed ^ ((w as u64 + 1) << 32) ^ mode as u64);
         let accounts = cfg.accounts;
@@ -411,13 +419,14 @@ const DEBIT: &str = "UPDATE bench_balances SET balance = balance - 1 WHERE id = 
 const CREDIT: &str = "UPDATE bench_balances SET balance = balance + 1 WHERE id = $1";
 
 impl Worker {
-    async fn connect(cfg: &BenchConfig, mode: Mode, w: usize) -> Result<Self> {
+    /// `client` serves the modes through the cluster.
+    async fn connect(cfg: &BenchConfig, mode: Mode, w: usize, client: Client) -> Result<Self> {
         Ok(match mode {
-            Mode::Tandem => Worker::Tandem(Client::new(&cfg.nodes)?),
+            Mode::Tandem => Worker::Tandem(client),
             Mode::DecisionsOnly => {
                 // Txids unique across runs: the clock, the worker.
                 let prefix = format!("bench{}w{w}n", crate::server::now_unix_ms());
-                Worker::Decisions { client: Client::new(&cfg.nodes)?, prefix }
+                Worker::Decisions { client, prefix }
             }
             Mode::Bare2pc | Mode::NonAtomic | Mode::SingleDb => Worker::Databases {
                 a: Box::new(super::bank::connect(&cfg.a).await?),
