@@ -32,6 +32,10 @@ use super::TypeConfig;
 
 /// Most decisions in one entry.
 pub const DECIDE_BATCH_MAX: usize = 256;
+/// Most bytes of decisions (as JSON) in one entry, past the first: a
+/// follower catching up takes up to `raft.append_entries_max` entries in one
+/// message, which must stay under the message limit.
+pub const DECIDE_BATCH_BYTES: usize = 32 << 10;
 /// Batches proposed and not yet applied, at most.
 pub const BATCHES_IN_FLIGHT: usize = 2;
 /// Decisions waiting for a batch, at most; a caller beyond waits to queue.
@@ -41,6 +45,8 @@ pub type WriteError = RaftError<TypeConfig, ClientWriteError<TypeConfig>>;
 
 struct Pending {
     item: DecideItem,
+    /// The item's size as JSON.
+    bytes: usize,
     answer: oneshot::Sender<Result<CommandResponse, WriteError>>,
 }
 
@@ -50,7 +56,7 @@ pub struct Batcher {
     stats: Arc<BatchStats>,
 }
 
-/// How well decisions share entries.
+/// How well decisions share entries: decisions and entries applied.
 #[derive(Default)]
 pub struct BatchStats {
     decisions: AtomicU64,
@@ -84,7 +90,8 @@ impl Batcher {
     pub async fn decide(&self, item: DecideItem) -> Result<CommandResponse, WriteError> {
         let (answer, rx) = oneshot::channel();
         let gone = || RaftError::Fatal(openraft::errors::Fatal::Stopped);
-        self.queue.send(Pending { item, answer }).await.map_err(|_| gone())?;
+        let bytes = serde_json::to_vec(&item).map_or(DECIDE_BATCH_BYTES, |v| v.len());
+        self.queue.send(Pending { item, bytes, answer }).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 }
@@ -95,10 +102,16 @@ async fn run(raft: Raft, now_unix_ms: fn() -> u64, mut rx: mpsc::Receiver<Pendin
         // A slot first: while every slot is busy, decisions gather in the
         // queue for the next batch.
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let mut bytes = first.bytes;
         let mut batch = vec![first];
-        while batch.len() < DECIDE_BATCH_MAX {
+        // What waits, up to the limits (the last one taken may pass the
+        // byte limit by its own size).
+        while batch.len() < DECIDE_BATCH_MAX && bytes < DECIDE_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) => {
+                    bytes += p.bytes;
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }
@@ -113,10 +126,6 @@ async fn run(raft: Raft, now_unix_ms: fn() -> u64, mut rx: mpsc::Receiver<Pendin
 
 async fn propose(raft: &Raft, now: u64, mut batch: Vec<Pending>, stats: &BatchStats) {
     batch.retain(|p| !p.answer.is_closed());
-    if !batch.is_empty() {
-        stats.decisions.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        stats.entries.fetch_add(1, Ordering::Relaxed);
-    }
     let op = match batch.len() {
         0 => return,
         1 => {
@@ -126,6 +135,10 @@ async fn propose(raft: &Raft, now: u64, mut batch: Vec<Pending>, stats: &BatchSt
         _ => Op::DecideBatch { items: batch.iter().map(|p| p.item.clone()).collect() },
     };
     let result = raft.client_write(Command::new(now, op)).await.map(|r| r.data);
+    if result.is_ok() {
+        stats.decisions.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats.entries.fetch_add(1, Ordering::Relaxed);
+    }
     match result {
         Ok(CommandResponse::DecidedBatch { responses }) if responses.len() == batch.len() => {
             for (p, response) in batch.into_iter().zip(responses) {

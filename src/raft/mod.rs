@@ -95,9 +95,9 @@ pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
 /// The command encoding this build writes. Version 2 added `Decide.info`,
 /// branch xids and `CompleteBatch`; version 3 remote branches
-/// (`Branch.remote`); version 4 `DecideBatch`. An older node stops at the
-/// first newer entry rather than misread it, so upgrade every node before
-/// the new leader writes.
+/// (`Branch.remote`); version 4 `DecideBatch` (only those entries carry it).
+/// An older node stops at the first newer entry rather than misread it, so
+/// upgrade every node before the new leader writes.
 pub const COMMAND_VERSION: u32 = 4;
 /// The oldest encoding this build still reads (its new fields default).
 pub const COMMAND_VERSION_MIN: u32 = 1;
@@ -160,8 +160,11 @@ pub struct Completion {
 pub const COMPLETE_BATCH_MAX: usize = 512;
 
 impl Command {
+    /// Stamped with the oldest version that has `op`, so that a node of the
+    /// previous build reads every entry but a batch of decisions.
     pub fn new(at_unix_ms: u64, op: Op) -> Self {
-        Self { version: COMMAND_VERSION, at_unix_ms, op }
+        let version = if matches!(op, Op::DecideBatch { .. }) { COMMAND_VERSION } else { 3 };
+        Self { version, at_unix_ms, op }
     }
 }
 
@@ -282,6 +285,9 @@ pub fn open_store(dir: &Path) -> Result<(LogStore, StateMachine)> {
     Ok((log_store, state_machine))
 }
 
+/// The least time a snapshot transfer is given.
+const SNAPSHOT_TRANSFER_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+
 /// Builds openraft's config from ours.
 pub fn raft_config(config: &crate::config::NodeConfig) -> Result<openraft::Config> {
     let r = &config.raft;
@@ -290,7 +296,9 @@ pub fn raft_config(config: &crate::config::NodeConfig) -> Result<openraft::Confi
         election_timeout_min: r.election_timeout_ms_min,
         election_timeout_max: r.election_timeout_ms_max,
         heartbeat_interval: r.heartbeat_interval_ms,
-        install_snapshot_timeout: r.rpc_timeout_ms * 5,
+        // Sending a snapshot writes out, streams and checks every record:
+        // minutes for a large state.
+        install_snapshot_timeout: (r.rpc_timeout_ms * 5).max(SNAPSHOT_TRANSFER_TIMEOUT_MS),
         max_payload_entries: r.append_entries_max,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
         max_in_snapshot_log_to_keep: r.logs_kept_after_snapshot,

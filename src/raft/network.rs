@@ -201,7 +201,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let header = serde_json::to_vec(&(&vote, &snapshot.meta)).map_err(network_error)?;
-        let file = snapshot.snapshot.into_file().map_err(|e| StreamingError::Network(network_error(e)))?;
+        // Written out from the checkpoint now, off the async workers.
+        let data = snapshot.snapshot;
+        let file = tokio::task::spawn_blocking(move || data.into_file())
+            .await
+            .map_err(|e| StreamingError::Network(network_error(e)))?
+            .map_err(|e| StreamingError::Network(network_error(e)))?;
         let mut request = tonic::Request::new(chunks(tokio::fs::File::from_std(file), header));
         request.set_timeout(option.hard_ttl());
         request.metadata_mut().insert(CLUSTER_ID_KEY, self.cluster_id.clone());

@@ -23,8 +23,9 @@ use crate::proto::RaftPayload;
 use crate::proto::SnapshotChunk;
 use crate::proto::raft_server;
 
-/// Largest snapshot a node accepts.
-const SNAPSHOT_BYTES_MAX: usize = 1 << 30;
+/// Largest snapshot a node accepts (the records of a state machine, one
+/// line each).
+const SNAPSHOT_BYTES_MAX: usize = 64 << 30;
 
 pub struct RaftService {
     raft: Raft,
@@ -104,12 +105,19 @@ impl raft_server::Raft for RaftService {
         while let Some(chunk) = stream.next().await.transpose()? {
             bytes += chunk.data.len();
             if bytes > SNAPSHOT_BYTES_MAX {
-                return Err(Status::resource_exhausted("snapshot over 1 GiB"));
+                return Err(Status::resource_exhausted("snapshot over 64 GiB"));
             }
             out.write_all(&chunk.data).await.map_err(internal)?;
         }
         out.flush().await.map_err(internal)?;
         drop(out);
+        // A transfer cut short, or damaged, is refused here; the leader
+        // sends it again.
+        let checked = path.clone();
+        tokio::task::spawn_blocking(move || crate::raft::state_machine::check_received(&checked))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::invalid_argument(format!("the snapshot arrived damaged: {e}")))?;
         let snapshot = SnapshotOf::<TypeConfig, SnapshotFile> { meta, snapshot: received };
         let result = self.raft.install_full_snapshot(vote, snapshot).await;
         let result: Result<_, openraft::errors::RaftError<TypeConfig>> = result.map_err(Into::into);

@@ -75,13 +75,6 @@ impl SnapshotFile {
         Self { data: Data::Checkpoint(path) }
     }
 
-    /// The records of the checkpoint at `path`, as a snapshot file that is
-    /// gone once closed.
-    pub(crate) fn from_checkpoint(path: &Path) -> io::Result<Self> {
-        let file = write_out(path)?;
-        Ok(Self { data: Data::File { file, path: path.to_path_buf(), remove_on_drop: false } })
-    }
-
     /// A new, empty file for a snapshot arriving from the leader. Write the
     /// data to the returned file, then [`SnapshotFile::received`].
     pub fn create_received(dir: &Path) -> io::Result<(File, PathBuf)> {
@@ -142,6 +135,12 @@ pub(crate) fn open_checkpoint(path: &Path) -> io::Result<DB> {
 /// The records of the checkpoint at `path` written to a snapshot file, open
 /// and already removed.
 fn write_out(path: &Path) -> io::Result<File> {
+    // Opening a missing checkpoint would make a directory for RocksDB's
+    // info log; a replaced one is simply gone. (Should one be replaced
+    // between the two, the next replacement removes what the open left.)
+    if !path.is_dir() {
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("snapshot {} was replaced", path.display())));
+    }
     let db = open_checkpoint(path)?;
     let dir = path.parent().ok_or_else(|| io::Error::other("a checkpoint has a parent directory"))?;
     let records = db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");

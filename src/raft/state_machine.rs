@@ -17,11 +17,13 @@
 //! entries, and the new `last_applied`, go to RocksDB in one atomic write
 //! batch.
 //!
-//! A snapshot is the list of records plus the applied position and
-//! membership, in a file (see [`super::snapshot`]). The key index and the
-//! completion index are derived from the records when a snapshot is
-//! installed. `sm_meta` names the current snapshot's file, so that it
-//! survives a restart and can be sent to a lagging follower.
+//! A snapshot is a RocksDB checkpoint of the state machine (see
+//! [`super::snapshot`]); it travels as the list of records, and the applied
+//! position and membership as its meta. The key index and the completion
+//! index are derived from the records when a snapshot is installed; while
+//! one is installed, local reads on that node may miss records. `sm_meta`
+//! names the current checkpoint, so that it survives a restart and can be
+//! sent to a lagging follower.
 
 use std::collections::HashMap;
 use std::io;
@@ -91,7 +93,7 @@ pub struct StateMachine {
     /// snapshot while another is being installed, and the older of the two
     /// must not overwrite the newer.
     snapshot_lock: Arc<std::sync::Mutex<()>>,
-    /// Where the snapshot files are.
+    /// Where the snapshots (checkpoints) and snapshot files are.
     snapshot_dir: Arc<PathBuf>,
 }
 
@@ -143,7 +145,7 @@ fn read_current(db: &DB) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>, Strin
 }
 
 /// Names `name` the current snapshot, with `batch`'s writes, durably; then
-/// removes the snapshot files it replaces.
+/// removes the snapshots it replaces.
 fn make_current(
     db: &DB,
     dir: &Path,
@@ -245,10 +247,23 @@ fn received_records(snapshot: SnapshotFile) -> io::Result<Box<dyn Iterator<Item 
     Ok(Box::new(snapshot::Records::new(file)?))
 }
 
+/// Checks a received snapshot file whole (header, trailer, every record)
+/// before it is handed to Raft: installing a damaged one would fail part
+/// way, which stops the node. Returns the number of records.
+pub fn check_received(path: &Path) -> io::Result<u64> {
+    let mut count = 0;
+    for line in received_records(SnapshotFile::open(path)?)? {
+        let _: TxnRecord = decode(&line?)?;
+        count += 1;
+    }
+    Ok(count)
+}
+
 impl StateMachine {
     /// The state machine in `db`, its snapshots in `data_dir`. Finishes a
-    /// snapshot install a crash interrupted, moves a snapshot an earlier
-    /// build kept in RocksDB to a file, and removes leftover files.
+    /// snapshot install a stop interrupted, replaces a snapshot an earlier
+    /// build kept in RocksDB (or as a file) with a checkpoint, and removes
+    /// leftovers.
     pub(crate) fn open(db: Arc<DB>, data_dir: &Path) -> Result<Self> {
         let dir = snapshot::dir(data_dir)?;
         let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
@@ -649,25 +664,34 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let db = self.db.clone();
         let dir = self.snapshot_dir.clone();
         let lock = self.snapshot_lock.clone();
-        let (meta, path) = tokio::task::spawn_blocking(move || -> io::Result<_> {
+        let (meta, path, built) = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            // Under the lock: an install replaces the checkpoints, and its
+            // half-loaded state must never become a snapshot.
+            let _guard = lock.lock().map_err(|_| io::Error::other("snapshot lock poisoned"))?;
+            let cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
+            if db.get_cf(&cf, KEY_SNAPSHOT_INSTALLING).map_err(io::Error::other)?.is_some() {
+                return Err(io::Error::other("a snapshot install has not finished; no snapshot is built meanwhile"));
+            }
             // A checkpoint is consistent: its records and applied position
             // are of one point in time.
             let name = snapshot::create_checkpoint(&db, &dir)?;
             let path = dir.join(&name);
             let meta = checkpoint_meta(&path)?;
-            let _guard = lock.lock().map_err(|_| io::Error::other("snapshot lock poisoned"))?;
-            let current = read_current(&db)?;
-            if current.is_none_or(|(c, _)| c.last_log_id < meta.last_log_id) {
-                make_current(&db, &dir, &meta, &name, WriteBatch::default())?;
-            } else {
-                // A newer snapshot was installed meanwhile.
-                std::fs::remove_dir_all(&path)?;
+            match read_current(&db)? {
+                // One as new was installed or built meanwhile: it stays.
+                Some((current, current_name)) if current.last_log_id >= meta.last_log_id => {
+                    std::fs::remove_dir_all(&path).ok();
+                    Ok((current, dir.join(current_name), false))
+                }
+                _ => {
+                    make_current(&db, &dir, &meta, &name, WriteBatch::default())?;
+                    Ok((meta, path, true))
+                }
             }
-            Ok((meta, path))
         })
         .await
         .map_err(io::Error::other)??;
-        tracing::info!(last_log_id = ?meta.last_log_id, "built snapshot");
+        tracing::info!(last_log_id = ?meta.last_log_id, built, "built snapshot");
         Ok(SnapshotOf::<TypeConfig, _> { meta, snapshot: SnapshotFile::checkpoint(path) })
     }
 }
@@ -747,12 +771,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let dir = self.snapshot_dir.clone();
         let lock = self.snapshot_lock.clone();
         tokio::task::spawn_blocking(move || -> io::Result<_> {
-            // Under the lock: the checkpoint is not replaced while it is
-            // written out.
+            // The records are written out only when the snapshot is sent
+            // (openraft also asks for the meta alone). Should a newer
+            // snapshot replace this one first, that send fails and the
+            // next one sends the newer.
             let _guard = lock.lock().map_err(|_| io::Error::other("snapshot lock poisoned"))?;
             let Some((meta, name)) = read_current(&db)? else { return Ok(None) };
-            let snapshot = SnapshotFile::from_checkpoint(&dir.join(name))?;
-            Ok(Some(SnapshotOf::<TypeConfig, _> { meta, snapshot }))
+            Ok(Some(SnapshotOf::<TypeConfig, _> { meta, snapshot: SnapshotFile::checkpoint(dir.join(name)) }))
         })
         .await
         .map_err(io::Error::other)?
@@ -869,6 +894,10 @@ mod tests {
         }
         assert!(matches!(responses[2], CommandResponse::IdempotencyConflict { .. }));
         assert!(matches!(responses[3], CommandResponse::Invalid { .. }));
+        // Only a batch needs the newer encoding: a node of the previous
+        // build reads the rest.
+        assert_eq!(Command::new(1, Op::DecideBatch { items: Vec::new() }).version, COMMAND_VERSION);
+        assert_eq!(Command::new(1, Op::Forget { before_unix_ms: 1 }).version, 3);
         let too_many = vec![item("t9", abort()); DECIDE_BATCH_MAX + 1];
         let r = batched.one(6, Op::DecideBatch { items: too_many }).await;
         assert!(matches!(r, CommandResponse::Invalid { .. }));
@@ -1152,17 +1181,35 @@ mod tests {
         f.one(1, Op::Decide { txid: txid("t1"), decision: abort(), info: TxnInfo::default() }).await;
         f.sm.build_snapshot().await.unwrap();
         let first_path = current_path(&f.sm);
-        let sending = f.sm.get_current_snapshot().await.unwrap().unwrap();
+        // One being sent (written out) and one only asked for.
+        let sending = f.sm.get_current_snapshot().await.unwrap().unwrap().snapshot.into_file().unwrap();
+        let asked = f.sm.get_current_snapshot().await.unwrap().unwrap();
         f.one(2, Op::Decide { txid: txid("t2"), decision: abort(), info: TxnInfo::default() }).await;
         let newer = f.sm.build_snapshot().await.unwrap();
         assert!(!first_path.exists());
-        // The older one, being sent when it was replaced, still reads whole.
-        assert_eq!(records_of(sending.snapshot).await.len(), 1);
+        // The one being sent still reads whole; the other is gone, and its
+        // send fails (the next one sends the newer).
+        assert_eq!(snapshot::Records::new(sending).unwrap().count(), 1);
+        assert!(asked.snapshot.into_file().is_err());
         let read = f.sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(read.meta, newer.meta);
         assert_eq!(records_of(read.snapshot).await.len(), 2);
-        // The built one reads the same.
+        // The built one reads the same, and building again with nothing
+        // new applied keeps it.
         assert_eq!(records_of(newer.snapshot).await.len(), 2);
-        assert_eq!(std::fs::read_dir(f.sm.snapshot_dir()).unwrap().count(), 1, "only the current one is kept");
+        let again = f.sm.build_snapshot().await.unwrap();
+        assert_eq!(again.meta, newer.meta);
+        assert_eq!(records_of(again.snapshot).await.len(), 2);
+        let left: Vec<_> = std::fs::read_dir(f.sm.snapshot_dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 1, "only the current one is kept: {left:?}");
+    }
+
+    #[tokio::test]
+    async fn no_snapshot_is_built_over_an_unfinished_install() {
+        let mut f = Fixture::new();
+        f.one(1, Op::Decide { txid: txid("t1"), decision: abort(), info: TxnInfo::default() }).await;
+        let cf = f.sm.db.cf_handle(cf::SM_META).unwrap();
+        f.sm.db.put_cf(&cf, KEY_SNAPSHOT_INSTALLING, b"x").unwrap();
+        assert!(f.sm.build_snapshot().await.is_err());
     }
 }

@@ -43,6 +43,7 @@ use crate::txn::TxId;
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     Tandem,
+    #[serde(rename = "bare_2pc")]
     Bare2pc,
     NonAtomic,
     SingleDb,
@@ -692,6 +693,11 @@ mod tests {
         assert!(table.contains("50%") && table.contains("80%"), "{table}");
         let json: serde_json::Value = serde_json::from_str(&json(&results)).unwrap();
         assert_eq!(json["results"][0]["mode"], "tandem");
+        assert_eq!(json["results"][1]["mode"], "bare_2pc");
+        // Every mode is written as it is named on the command line.
+        for mode in Mode::ALL {
+            assert_eq!(serde_json::to_value(mode).unwrap(), mode.name(), "{mode:?}");
+        }
         assert_eq!(json["results"][3]["concurrency"], 16);
         assert!(json["results"][1]["p999_ms"].as_f64().is_some());
         let svg = svg(&results);
