@@ -200,7 +200,7 @@ fn load(db: &DB, dir: &Path, meta: &SnapshotMetaOf<TypeConfig>, name: &str) -> i
             batch.put_cf(&keys_cf, k.as_bytes(), record.txid.as_str().as_bytes());
         }
         if let Some(at) = record.completed_unix_ms {
-            batch.put_cf(&completed_cf, completed_key(at, &record.txid), []);
+            batch.put_cf(&completed_cf, completed_key(at, &record.txid), completed_value(&record.decision));
         }
         count += 1;
         if batch.len() >= INSTALL_BATCH_WRITES {
@@ -543,7 +543,7 @@ impl<'a> Applier<'a> {
             record.heuristic = heuristic.to_vec();
             self.put_record(&record)?;
             let cf = self.db.cf_handle(cf::SM_COMPLETED).expect("sm_completed column family");
-            self.batch.put_cf(&cf, completed_key(at, txid), []);
+            self.batch.put_cf(&cf, completed_key(at, txid), completed_value(&record.decision));
         }
         Ok(CommandResponse::Completed { record })
     }
@@ -557,12 +557,12 @@ impl<'a> Applier<'a> {
         let mut read = rocksdb::ReadOptions::default();
         read.set_iterate_upper_bound(before.to_be_bytes());
         for item in self.db.iterator_cf_opt(&cf_completed, read, IteratorMode::Start) {
-            let (key, _) = item?;
+            let (key, value) = item?;
             let (at, txid) = parse_completed_key(&key)?;
             if at >= before {
                 break;
             }
-            doomed.push((at, txid));
+            doomed.push((at, txid, parse_completed_value(&value)?));
         }
         if !doomed.is_empty() {
             // The index entries before `before`, as one range deletion: the
@@ -571,16 +571,29 @@ impl<'a> Applier<'a> {
             self.batch.delete_range_cf(&cf_completed, &[][..], &before.to_be_bytes()[..]);
         }
         let mut count = 0;
-        for (at, txid) in doomed {
-            // The index entry must describe the record that holds now.
-            let Some(record) = self.record(&txid)? else { continue };
-            if record.completed_unix_ms != Some(at) {
-                continue;
-            }
-            if let Decision::Commit { idempotency_key: Some(k), .. } = &record.decision {
+        for (at, txid, indexed) in doomed {
+            let key = match indexed {
+                // The entry names the record's key: the record need not be
+                // read (an entry describes its record while both exist:
+                // they are written, installed and forgotten together).
+                Some(key) if self.records.get(&txid).is_none_or(Option::is_some) => key,
+                // An entry of an earlier build, or a record this batch
+                // already dropped: the record decides.
+                _ => {
+                    let Some(record) = self.record(&txid)? else { continue };
+                    if record.completed_unix_ms != Some(at) {
+                        continue;
+                    }
+                    match &record.decision {
+                        Decision::Commit { idempotency_key: Some(k), .. } => Some(k.clone()),
+                        _ => None,
+                    }
+                }
+            };
+            if let Some(k) = key {
                 let cf_keys = self.db.cf_handle(cf::SM_KEYS).expect("sm_keys column family");
                 self.batch.delete_cf(&cf_keys, k.as_bytes());
-                self.keys.insert(k.clone(), None);
+                self.keys.insert(k, None);
             }
             let cf_records = self.db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
             self.batch.delete_cf(&cf_records, txid.as_str());
@@ -614,6 +627,28 @@ fn completed_key(at: u64, txid: &TxId) -> Vec<u8> {
     let mut key = at.to_be_bytes().to_vec();
     key.extend_from_slice(txid.as_str().as_bytes());
     key
+}
+
+/// A completion index entry's value: the record's idempotency key, so that
+/// Forget need not read the record (`k` and the key, or `-` for none).
+fn completed_value(decision: &Decision) -> Vec<u8> {
+    match decision {
+        Decision::Commit { idempotency_key: Some(k), .. } => [b"k".as_slice(), k.as_bytes()].concat(),
+        _ => b"-".to_vec(),
+    }
+}
+
+/// `Some(key)` from a value of [`completed_value`]; `None` for the empty
+/// value of earlier builds.
+fn parse_completed_value(value: &[u8]) -> Result<Option<Option<String>>> {
+    match value.split_first() {
+        None => Ok(None),
+        Some((b'-', [])) => Ok(Some(None)),
+        Some((b'k', key)) => {
+            Ok(Some(Some(String::from_utf8(key.to_vec()).map_err(|e| Error::Storage(e.to_string()))?)))
+        }
+        Some(_) => Err(Error::Storage("unreadable sm_completed value".into())),
+    }
 }
 
 fn parse_completed_key(key: &[u8]) -> Result<(u64, TxId)> {
@@ -992,6 +1027,33 @@ mod tests {
         assert_eq!(together[2], CommandResponse::Forgotten { count: 1 });
         assert!(matches!(together[3], CommandResponse::Decided { won: true, .. }));
         assert_eq!(one.sm.list(None, None, 10).await.unwrap(), two.sm.list(None, None, 10).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn forget_reads_records_only_for_index_entries_of_earlier_builds() {
+        for earlier in [false, true] {
+            let mut f = Fixture::new();
+            f.one(1, Op::Decide { txid: txid("t1"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
+            f.one(2, Op::Complete { txid: txid("t1") }).await;
+            f.one(3, Op::Decide { txid: txid("t2"), decision: abort(), info: TxnInfo::default() }).await;
+            f.one(4, Op::Complete { txid: txid("t2") }).await;
+            let cf = f.sm.db.cf_handle(cf::SM_COMPLETED).unwrap();
+            if earlier {
+                // Earlier builds left the value empty.
+                f.sm.db.put_cf(&cf, completed_key(2, &txid("t1")), []).unwrap();
+                f.sm.db.put_cf(&cf, completed_key(4, &txid("t2")), []).unwrap();
+            } else {
+                let value = f.sm.db.get_cf(&cf, completed_key(2, &txid("t1"))).unwrap().unwrap();
+                assert_eq!(value, b"kk");
+            }
+            assert_eq!(f.one(5, Op::Forget { before_unix_ms: 5 }).await, CommandResponse::Forgotten { count: 2 });
+            assert_eq!(f.sm.get(txid("t1")).await.unwrap(), None);
+            assert_eq!(f.sm.get(txid("t2")).await.unwrap(), None);
+            // The key is free again.
+            let r =
+                f.one(6, Op::Decide { txid: txid("t3"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
+            assert!(matches!(r, CommandResponse::Decided { won: true, .. }), "{r:?}");
+        }
     }
 
     #[tokio::test]
