@@ -99,6 +99,9 @@ pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 /// An older node stops at the first newer entry rather than misread it, so
 /// upgrade every node before the new leader writes.
 pub const COMMAND_VERSION: u32 = 4;
+/// The version of every entry but a batch of decisions: the previous
+/// build's, so that it reads them.
+const COMMAND_VERSION_UNBATCHED: u32 = 3;
 /// The oldest encoding this build still reads (its new fields default).
 pub const COMMAND_VERSION_MIN: u32 = 1;
 
@@ -163,7 +166,7 @@ impl Command {
     /// Stamped with the oldest version that has `op`, so that a node of the
     /// previous build reads every entry but a batch of decisions.
     pub fn new(at_unix_ms: u64, op: Op) -> Self {
-        let version = if matches!(op, Op::DecideBatch { .. }) { COMMAND_VERSION } else { 3 };
+        let version = if matches!(op, Op::DecideBatch { .. }) { COMMAND_VERSION } else { COMMAND_VERSION_UNBATCHED };
         Self { version, at_unix_ms, op }
     }
 }
