@@ -65,11 +65,19 @@ serve() {
         --listen "$PARTICIPANT_ADDR" --api "$API_ADDR" "${seed[@]}" --resolve-interval-s 1 \
         >>"$TANDEM_HOME/inventory.log" 2>&1 &
     service_pid=$!
-    for _ in $(seq 1 100); do
+    # Up to a minute: on a busy two-core machine the start (PostgreSQL
+    # set-up, the cluster client) can take seconds.
+    for _ in $(seq 1 600); do
         port_free "${API_ADDR#*:}" || return 0
+        kill -0 "$service_pid" 2>/dev/null || break
         sleep 0.1
     done
-    echo "the inventory service did not start; see $TANDEM_HOME/inventory.log" >&2
+    if kill -0 "$service_pid" 2>/dev/null; then
+        echo "the inventory service did not serve $API_ADDR within a minute; its log ends:" >&2
+    else
+        echo "the inventory service exited; its log ends:" >&2
+    fi
+    tail -n 20 "$TANDEM_HOME/inventory.log" >&2 || true
     exit 1
 }
 order() { "$INVENTORY" order --sku apple --qty "$1" --orders-participant orders --inventory "$API_ADDR" "${@:2}"; }

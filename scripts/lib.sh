@@ -15,12 +15,18 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 port_free() { ! (: </dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
 
+# A port to listen on, drawn below the kernel's ephemeral range
+# (net.ipv4.ip_local_port_range, 32768 and up here): a port from inside it
+# can be taken as the source port of any outgoing connection between the
+# check and the bind.
+random_port() { echo $((10000 + RANDOM % 22000)); }
+
 # Exports TANDEM_PORT_BASE, three free ports in a row above it for a local
 # cluster (scripts/cluster.sh), unless it is set already.
 pick_port_base() {
     if [ -z "${TANDEM_PORT_BASE:-}" ]; then
         while :; do
-            TANDEM_PORT_BASE=$((20000 + RANDOM % 40000))
+            TANDEM_PORT_BASE=$(random_port)
             port_free $((TANDEM_PORT_BASE + 1)) && port_free $((TANDEM_PORT_BASE + 2)) &&
                 port_free $((TANDEM_PORT_BASE + 3)) && break
         done

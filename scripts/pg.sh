@@ -26,7 +26,7 @@ pg_init() {
 pg_free_port() {
     local p
     while :; do
-        p=$((20000 + RANDOM % 40000))
+        p=$(random_port)
         (: </dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo "$p"; return; }
     done
 }
