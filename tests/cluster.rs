@@ -343,6 +343,14 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     }
     assert!(cluster.local_records(lone).await.is_empty());
 
+    // Two members at one address are refused: a node would send Raft
+    // messages to itself.
+    let twins = vec![pb::Member { id: lone, addr: cluster.addr(lone) }, pb::Member { id: 9, addr: cluster.addr(lone) }];
+    let err = Client::pinned(&cluster.addr(lone)).unwrap().init(twins).await.unwrap_err();
+    assert!(err.to_string().contains("share the address"), "{err}");
+    let err = client.add_learner(pb::Member { id: lone, addr: cluster.addr(1) }).await.unwrap_err();
+    assert!(err.to_string().contains("already has the address"), "{err}");
+
     // Membership: the lone node joins as a learner, catches up, becomes a voter.
     client.add_learner(pb::Member { id: lone, addr: cluster.addr(lone) }).await.unwrap();
     let resp = client.change_membership(vec![1, 2, 3, lone], false).await.unwrap();

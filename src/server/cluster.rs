@@ -72,12 +72,20 @@ impl pb::cluster_server::Cluster for ClusterService {
         if req.members.is_empty() {
             return Err(Error::InvalidInput("init needs at least one member".into()).into());
         }
-        let mut members = BTreeMap::new();
+        let mut members: BTreeMap<crate::raft::NodeId, crate::raft::Node> = BTreeMap::new();
         for m in &req.members {
             let (id, node) = convert::member_from_pb(m)?;
-            if members.insert(id, node).is_some() {
+            if members.contains_key(&id) {
                 return Err(Error::InvalidInput(format!("member id {id} appears twice")).into());
             }
+            if let Some((other, _)) = members.iter().find(|(_, n)| n.addr == node.addr) {
+                return Err(Error::InvalidInput(format!(
+                    "members {other} and {id} share the address {}: a node would send Raft messages to itself",
+                    node.addr
+                ))
+                .into());
+            }
+            members.insert(id, node);
         }
         if !members.contains_key(&self.node.config.id) {
             return Err(Error::InvalidInput(format!(
@@ -135,6 +143,17 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         let member = request.get_ref().member.clone().ok_or_else(|| Error::InvalidInput("member is missing".into()))?;
         let (id, node) = convert::member_from_pb(&member)?;
+        let taken = self
+            .node
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .nodes()
+            .find_map(|(other, n)| (*other != id && n.addr == node.addr).then_some(*other));
+        if let Some(other) = taken {
+            return Err(Error::InvalidInput(format!("node {other} already has the address {}", node.addr)).into());
+        }
         let local = match self.node.raft.add_learner(id, node, true).await {
             Ok(resp) => Ok(self.membership_response(resp)),
             Err(e) => Err(self.node.write_error(e)),

@@ -6,11 +6,16 @@
 pub mod bank;
 pub mod postgres;
 
+use std::collections::BTreeSet;
+use std::hash::BuildHasher;
+use std::hash::Hasher;
+use std::hash::RandomState;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Child;
 use std::process::Command;
 use std::process::Stdio;
+use std::sync::Mutex;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -64,8 +69,22 @@ pub struct TestCluster {
     opts: Options,
 }
 
+/// A port to listen on: free when checked, never handed out before in this
+/// process, and below the kernel's ephemeral range (32768 and up), from
+/// which outgoing connections take their source ports. (Ports from
+/// `bind(0)` are ephemeral ones and, once released, may come again: two
+/// nodes of one cluster were once given the same port.)
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let random = RandomState::new().build_hasher().finish();
+        let port = 10_000 + (random % 22_000) as u16;
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
 }
 
 impl TestCluster {
