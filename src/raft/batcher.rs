@@ -4,8 +4,10 @@
 //! what is waiting there (up to [`DECIDE_BATCH_MAX`]) and goes to Raft as one
 //! [`Op::DecideBatch`] entry; at most [`BATCHES_IN_FLIGHT`] batches are in
 //! Raft at once, so under load the next batch gathers the decisions that
-//! arrive while the earlier ones replicate. With no load a decision goes out
-//! alone and at once, as a plain [`Op::Decide`]: batching adds no wait.
+//! arrive while the earlier ones replicate. With no load (nothing queued, a
+//! batch slot free) a decision goes out alone and at once, as a plain
+//! [`Op::Decide`], without passing through the batching task: batching adds
+//! no wait.
 //!
 //! A batch applies its decisions in order, each exactly as its own entry
 //! would (a compare-and-set; a later decision for the same txid sees the
@@ -53,6 +55,10 @@ struct Pending {
 /// Where a node's decisions queue for Raft.
 pub struct Batcher {
     queue: mpsc::Sender<Pending>,
+    /// Room for batches in Raft: [`BATCHES_IN_FLIGHT`] permits.
+    slots: Arc<Semaphore>,
+    raft: Raft,
+    now_unix_ms: fn() -> u64,
     stats: Arc<BatchStats>,
 }
 
@@ -78,8 +84,9 @@ impl Batcher {
     pub fn start(raft: Raft, now_unix_ms: fn() -> u64) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE_MAX);
         let stats = Arc::new(BatchStats::default());
-        tokio::spawn(run(raft, now_unix_ms, rx, stats.clone()));
-        Self { queue, stats }
+        let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+        tokio::spawn(run(raft.clone(), now_unix_ms, rx, slots.clone(), stats.clone()));
+        Self { queue, slots, raft, now_unix_ms, stats }
     }
 
     pub fn stats(&self) -> &BatchStats {
@@ -90,14 +97,34 @@ impl Batcher {
     pub async fn decide(&self, item: DecideItem) -> Result<CommandResponse, WriteError> {
         let (answer, rx) = oneshot::channel();
         let gone = || RaftError::Fatal(openraft::errors::Fatal::Stopped);
+        // Nothing waiting and room in Raft: the decision goes alone, from
+        // here, without the hand-offs to the batching task and back.
+        // Its own task holds the slot until Raft answers, even if this
+        // caller gives up first, as a batch's does.
+        if self.queue.capacity() == QUEUE_MAX
+            && let Ok(slot) = self.slots.clone().try_acquire_owned()
+        {
+            let (raft, stats, now) = (self.raft.clone(), self.stats.clone(), (self.now_unix_ms)());
+            let batch = vec![Pending { item, bytes: 0, answer }];
+            tokio::spawn(async move {
+                propose(&raft, now, batch, &stats).await;
+                drop(slot);
+            });
+            return rx.await.map_err(|_| gone())?;
+        }
         let bytes = serde_json::to_vec(&item).map_or(DECIDE_BATCH_BYTES, |v| v.len());
         self.queue.send(Pending { item, bytes, answer }).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 }
 
-async fn run(raft: Raft, now_unix_ms: fn() -> u64, mut rx: mpsc::Receiver<Pending>, stats: Arc<BatchStats>) {
-    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+async fn run(
+    raft: Raft,
+    now_unix_ms: fn() -> u64,
+    mut rx: mpsc::Receiver<Pending>,
+    slots: Arc<Semaphore>,
+    stats: Arc<BatchStats>,
+) {
     while let Some(first) = rx.recv().await {
         // A slot first: while every slot is busy, decisions gather in the
         // queue for the next batch.

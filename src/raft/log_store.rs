@@ -17,8 +17,13 @@
 //! - An fsync failure poisons the store: every later append and vote fails,
 //!   openraft stops the node, and nothing is acknowledged after the failure.
 //!
-//! RocksDB calls block, so they run on tokio's blocking pool or on the flusher
-//! thread, never on the async workers.
+//! Where RocksDB calls run: fsyncs on the flusher thread; the calls on the
+//! commit path of every decision (the unsynced append, replication's read of
+//! the entries just appended, `save_committed`) in place, on the calling
+//! task, as each is a memtable access of microseconds and a hand-off to
+//! another thread and back costs more; everything else (vote, purge, long
+//! reads) on tokio's blocking pool. An in-place write can still wait on a
+//! RocksDB write stall; that holds one async worker while it lasts.
 
 use std::fmt::Debug;
 use std::io;
@@ -55,6 +60,9 @@ type Entry = EntryOf<TypeConfig>;
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
+/// Most entries read in place, on the caller's task; longer reads go to the
+/// blocking pool.
+const INLINE_READ_MAX: u64 = 64;
 
 #[derive(Clone)]
 pub struct LogStore {
@@ -251,7 +259,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         let range = (range.start_bound().cloned(), range.end_bound().cloned());
-        self.blocking(move |db| {
+        let read = move |db: &DB| {
             let cf = db.cf_handle(cf::RAFT_LOG).expect("raft_log column family");
             let mut entries = Vec::new();
             let from = index_key(start);
@@ -266,8 +274,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 entries.push(entry);
             }
             Ok(entries)
-        })
-        .await
+        };
+        // Replication reads what was just appended, from the memtable: in
+        // place. A long range (a follower catching up) may read from disk.
+        match range.end_bound() {
+            Bound::Excluded(end) if end.saturating_sub(start) <= INLINE_READ_MAX => read(&self.db),
+            Bound::Included(end) if end.saturating_sub(start) < INLINE_READ_MAX => read(&self.db),
+            _ => self.blocking(read).await,
+        }
     }
 
     async fn read_vote(&mut self) -> io::Result<Option<VoteOf<TypeConfig>>> {
@@ -307,8 +321,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> io::Result<()> {
         // Not synced: it only lets a restarted node re-apply sooner; losing it
-        // loses nothing.
-        self.put_meta(KEY_COMMITTED, &committed, false).await
+        // loses nothing. In place: openraft awaits it before every apply.
+        let cf = self.db.cf_handle(cf::RAFT_META).expect("raft_meta column family");
+        self.db.put_cf(&cf, KEY_COMMITTED, encode(&committed)?).map_err(io::Error::other)
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogIdOf<TypeConfig>>> {
@@ -327,17 +342,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.stats.appends.fetch_add(1, Ordering::Relaxed);
         self.stats.entries.fetch_add(encoded.len() as u64, Ordering::Relaxed);
-        // On the blocking pool even when small: a write can wait on a
-        // RocksDB write stall, which must not hold an async worker.
-        self.blocking(move |db| {
-            let cf = db.cf_handle(cf::RAFT_LOG).expect("raft_log column family");
-            let mut batch = WriteBatch::default();
-            for (key, value) in encoded {
-                batch.put_cf(&cf, key, value);
-            }
-            db.write(batch).map_err(io::Error::other)
-        })
-        .await?;
+        // In place: an unsynced write of a few entries is a memtable insert
+        // and a buffered write-ahead-log append, microseconds, and it sits
+        // on the commit path of every decision (see the module notes).
+        let cf = self.db.cf_handle(cf::RAFT_LOG).expect("raft_log column family");
+        let mut batch = WriteBatch::default();
+        for (key, value) in encoded {
+            batch.put_cf(&cf, key, value);
+        }
+        self.db.write(batch).map_err(io::Error::other)?;
         let queue = self.flusher.queue.as_ref().expect("the flusher queue lives as long as the store");
         queue.send(callback).map_err(|_| io::Error::other("the log flusher thread is gone"))?;
         Ok(())
