@@ -89,6 +89,34 @@ async fn failed_statement_leaves_nothing_prepared() {
     assert_eq!(balance(&pg, 2).await, 100);
 }
 
+/// BEGIN goes out pipelined with the first statement: that statement must
+/// still run inside the transaction (a rollback undoes it), and a branch
+/// with no statement still prepares a transaction of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_statement_runs_inside_the_transaction() {
+    let (pg, p) = setup().await;
+    let mut branch = p.begin().await.unwrap();
+    branch.execute(&stmt("UPDATE balances SET balance = 7 WHERE id = 5", vec![])).await.unwrap();
+    branch.rollback().await.unwrap();
+    assert_eq!(balance(&pg, 5).await, 100);
+
+    let mut branch = p.begin().await.unwrap();
+    let r = branch.execute(&stmt("SELECT balance FROM balances WHERE id = $1", vec![Value::Int64(5)])).await.unwrap();
+    assert_eq!(r.rows, vec![vec![Value::Int64(100)]]);
+    branch.execute(&stmt("UPDATE balances SET balance = 7 WHERE id = 5", vec![])).await.unwrap();
+    branch.rollback().await.unwrap();
+    assert_eq!(balance(&pg, 5).await, 100);
+
+    let empty = p.begin().await.unwrap();
+    let g = gid("t5", 0);
+    let prepared = empty.prepare(&g).await.unwrap();
+    assert!(prepared.xid.is_some());
+    assert_eq!(p.prepared_branches(CLUSTER).await.unwrap(), vec![g.clone()]);
+    assert_eq!(p.commit_prepared(&g).await.unwrap(), Phase2::Done);
+    // A branch begun and rolled back before any statement.
+    p.begin().await.unwrap().rollback().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_prepared_and_a_hand_resolved_branch() {
     let (pg, p) = setup().await;

@@ -231,8 +231,13 @@ impl Participant for PostgresParticipant {
 
     async fn begin(&self) -> Result<Box<dyn BranchSession>> {
         let conn = self.connection().await?;
-        conn.batch_execute("BEGIN").await.map_err(|e| pg_error(&self.name, e))?;
-        Ok(Box::new(PostgresBranch { participant: self.name.clone(), conn: Some(conn), pool: self.pool.clone() }))
+        // BEGIN goes out with the branch's first statement (see `execute`).
+        Ok(Box::new(PostgresBranch {
+            participant: self.name.clone(),
+            conn: Some(conn),
+            pool: self.pool.clone(),
+            begun: false,
+        }))
     }
 
     async fn commit_prepared(&self, gid: &Gid) -> Result<Phase2> {
@@ -278,6 +283,10 @@ struct PostgresBranch {
     /// The pool it came from, whose connections' statement caches a stale
     /// statement is dropped from.
     pool: Pool,
+    /// Whether BEGIN has been sent. It is sent in the same write as the
+    /// first statement (the two pipelined, one round trip instead of two,
+    /// as PgJDBC does), or, for a branch with no statement, with PREPARE.
+    begun: bool,
 }
 
 impl Drop for PostgresBranch {
@@ -300,6 +309,12 @@ impl PostgresBranch {
 #[async_trait]
 impl BranchSession for PostgresBranch {
     async fn execute(&mut self, statement: &Statement) -> Result<StatementResult> {
+        // BEGIN goes out with this statement if it is the first (below).
+        // From here on the branch counts as begun, even if this call is cut
+        // short (a deadline), so that its rollback sends ROLLBACK and the
+        // connection never goes back to the pool inside a transaction.
+        let first = !self.begun;
+        self.begun = true;
         let conn = self.conn()?;
         let params: Vec<TextParam> = statement.params.iter().map(text_param).collect();
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
@@ -320,11 +335,40 @@ impl BranchSession for PostgresBranch {
             pg_error(&self.participant, e)
         };
         let prepared = conn.prepare_cached(&statement.sql).await.map_err(failed)?;
-        if prepared.columns().is_empty() {
-            let n = conn.execute(&prepared, &refs).await.map_err(failed)?;
-            return Ok(StatementResult { rows_affected: n, ..Default::default() });
+        // The first statement is pipelined behind BEGIN (`biased`: BEGIN is
+        // polled, so queued, first): PostgreSQL runs them in order on this
+        // connection, so the statement runs inside the transaction.
+        let begin = async {
+            match first {
+                false => Ok(()),
+                true => conn.batch_execute("BEGIN").await,
+            }
+        };
+        enum Ran {
+            Affected(u64),
+            Rows(Vec<tokio_postgres::Row>),
         }
-        let rows = conn.query(&prepared, &refs).await.map_err(failed)?;
+        let (begun, ran) = if prepared.columns().is_empty() {
+            let (begun, n) = tokio::join!(biased; begin, conn.execute(&prepared, &refs));
+            (begun, n.map(Ran::Affected))
+        } else {
+            let (begun, rows) = tokio::join!(biased; begin, conn.query(&prepared, &refs));
+            (begun, rows.map(Ran::Rows))
+        };
+        let ran = ran.map_err(failed);
+        if let Err(e) = begun {
+            // Only a broken connection fails BEGIN, and the statement with
+            // it; the connection is closed, never reused.
+            let e = pg_error(&self.participant, e);
+            if let Some(conn) = self.conn.take() {
+                drop(Object::take(conn));
+            }
+            return Err(e);
+        }
+        let rows = match ran? {
+            Ran::Affected(n) => return Ok(StatementResult { rows_affected: n, ..Default::default() }),
+            Ran::Rows(rows) => rows,
+        };
         let columns = prepared.columns().iter().map(|c| c.name().to_string()).collect();
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -346,8 +390,9 @@ impl BranchSession for PostgresBranch {
         // failed transaction the SELECT before it fails first, and the rest
         // of the string is skipped. An error here leaves the transaction
         // open and the drop guard closes the connection, which rolls it back.
+        let begin = if self.begun { "" } else { "BEGIN; " };
         let messages = conn
-            .simple_query(&format!("SELECT pg_current_xact_id()::text; PREPARE TRANSACTION '{gid_text}'"))
+            .simple_query(&format!("{begin}SELECT pg_current_xact_id()::text; PREPARE TRANSACTION '{gid_text}'"))
             .await
             .map_err(|e| pg_error(&p, e))?;
         let xid = messages.iter().find_map(|m| match m {
@@ -361,7 +406,9 @@ impl BranchSession for PostgresBranch {
 
     async fn rollback(mut self: Box<Self>) -> Result<()> {
         // On failure the drop guard closes the connection, which rolls back.
-        self.conn()?.batch_execute("ROLLBACK").await.map_err(|e| pg_error(&self.participant, e))?;
+        if self.begun {
+            self.conn()?.batch_execute("ROLLBACK").await.map_err(|e| pg_error(&self.participant, e))?;
+        }
         self.conn.take();
         Ok(())
     }
