@@ -117,6 +117,29 @@ async fn the_first_statement_runs_inside_the_transaction() {
     p.begin().await.unwrap().rollback().await.unwrap();
 }
 
+/// A first statement cut short by a deadline has had BEGIN sent with it:
+/// the branch's rollback must still end that transaction, so that no
+/// connection goes back to the pool inside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_statement_cut_short_leaves_no_transaction_open() {
+    let (pg, p) = setup().await;
+    let mut branch = p.begin().await.unwrap();
+    let sleep = stmt("SELECT pg_sleep(1)", vec![]);
+    let cut = tokio::time::timeout(std::time::Duration::from_millis(100), branch.execute(&sleep)).await;
+    assert!(cut.is_err(), "the statement should still be running");
+    branch.rollback().await.unwrap();
+    // Long enough for the sleep to have ended on the server either way.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let open: i64 = pg
+        .client("accounts")
+        .await
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 0, "a pooled connection was left inside a transaction");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_prepared_and_a_hand_resolved_branch() {
     let (pg, p) = setup().await;
