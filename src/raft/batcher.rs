@@ -21,6 +21,7 @@ use std::sync::atomic::Ordering;
 
 use openraft::errors::ClientWriteError;
 use openraft::errors::RaftError;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
@@ -104,12 +105,13 @@ impl Batcher {
         if self.queue.capacity() == QUEUE_MAX
             && let Ok(slot) = self.slots.clone().try_acquire_owned()
         {
-            let (raft, stats, now) = (self.raft.clone(), self.stats.clone(), (self.now_unix_ms)());
-            let batch = vec![Pending { item, bytes: 0, answer }];
-            tokio::spawn(async move {
-                propose(&raft, now, batch, &stats).await;
-                drop(slot);
-            });
+            spawn_propose(
+                &self.raft,
+                (self.now_unix_ms)(),
+                vec![Pending { item, bytes: 0, answer }],
+                &self.stats,
+                slot,
+            );
             return rx.await.map_err(|_| gone())?;
         }
         let bytes = serde_json::to_vec(&item).map_or(DECIDE_BATCH_BYTES, |v| v.len());
@@ -142,13 +144,18 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            propose(&raft, now_unix_ms(), batch, &stats).await;
-            drop(slot);
-        });
+        spawn_propose(&raft, now_unix_ms(), batch, &stats, slot);
     }
+}
+
+/// Proposes `batch` on a task of its own, which holds `slot` until Raft
+/// answers, whether or not the callers are still waiting.
+fn spawn_propose(raft: &Raft, now: u64, batch: Vec<Pending>, stats: &Arc<BatchStats>, slot: OwnedSemaphorePermit) {
+    let (raft, stats) = (raft.clone(), stats.clone());
+    tokio::spawn(async move {
+        propose(&raft, now, batch, &stats).await;
+        drop(slot);
+    });
 }
 
 async fn propose(raft: &Raft, now: u64, mut batch: Vec<Pending>, stats: &BatchStats) {
