@@ -15,6 +15,11 @@
 //! - `decisions_only`: COMMIT decisions through the cluster's decision log
 //!   with no participant work.
 //!
+//! The three baselines take the fewest round trips: their statements are
+//! prepared once per connection, and BEGIN, the updates and PREPARE (or
+//! COMMIT) go out pipelined; a baseline that paid round trips Tandem does
+//! not would flatter Tandem.
+//!
 //! Each mode runs at each concurrency for a fixed time; every worker runs
 //! transfers back to back and records each one's latency.
 
@@ -404,7 +409,7 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
 /// One worker's connections.
 enum Worker {
     Tandem(Client),
-    Databases { a: Box<tokio_postgres::Client>, b: Box<tokio_postgres::Client>, mode: Mode, accounts: i64 },
+    Databases { a: Box<Connection>, b: Box<Connection>, mode: Mode, accounts: i64 },
     Decisions { client: Client, prefix: String },
 }
 
@@ -419,6 +424,47 @@ fn statement(sql: &str, id: i64) -> pb::Statement {
 const DEBIT: &str = "UPDATE bench_balances SET balance = balance - 1 WHERE id = $1";
 const CREDIT: &str = "UPDATE bench_balances SET balance = balance + 1 WHERE id = $1";
 
+/// A baseline's connection to one database, with the transfer's two
+/// statements prepared on it once.
+struct Connection {
+    client: tokio_postgres::Client,
+    debit: tokio_postgres::Statement,
+    credit: tokio_postgres::Statement,
+}
+
+impl Connection {
+    async fn open(participant: &ParticipantConfig) -> Result<Self> {
+        let client = super::bank::connect(participant).await?;
+        let pg = |e| crate::participant::postgres::pg_error(&participant.name, e);
+        let debit = client.prepare(DEBIT).await.map_err(pg)?;
+        let credit = client.prepare(CREDIT).await.map_err(pg)?;
+        Ok(Self { client, debit, credit })
+    }
+
+    /// Runs `statement` on account `id` inside BEGIN … `end`, all
+    /// pipelined: one round trip. Every answer is checked, so a failed
+    /// update fails the call even though `end` on a failed transaction
+    /// rolls it back without an error.
+    async fn transaction(
+        &self,
+        statements: &[(&tokio_postgres::Statement, i64)],
+        end: &str,
+    ) -> Result<(), tokio_postgres::Error> {
+        let c = &self.client;
+        let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 1]> =
+            statements.iter().map(|(_, id)| [id as &(dyn tokio_postgres::types::ToSql + Sync)]).collect();
+        let updates = futures::future::join_all(statements.iter().zip(&params).map(|((s, _), p)| c.execute(*s, p)));
+        // `biased`: polled, so sent, in this order (`join_all` polls a
+        // short list in order).
+        let (begin, updates, end) = tokio::join!(biased; c.batch_execute("BEGIN"), updates, c.batch_execute(end));
+        begin?;
+        for n in updates {
+            n?;
+        }
+        end
+    }
+}
+
 impl Worker {
     /// `client` serves the modes through the cluster.
     async fn connect(cfg: &BenchConfig, mode: Mode, w: usize, client: Client) -> Result<Self> {
@@ -430,8 +476,8 @@ impl Worker {
                 Worker::Decisions { client, prefix }
             }
             Mode::Bare2pc | Mode::NonAtomic | Mode::SingleDb => Worker::Databases {
-                a: Box::new(super::bank::connect(&cfg.a).await?),
-                b: Box::new(super::bank::connect(&cfg.b).await?),
+                a: Box::new(Connection::open(&cfg.a).await?),
+                b: Box::new(Connection::open(&cfg.b).await?),
                 mode,
                 accounts: cfg.accounts,
             },
@@ -465,12 +511,13 @@ impl Worker {
                 client.decide(&txid, &decision).await.map(|_| ())
             }
             Worker::Databases { a, b, mode: Mode::Bare2pc, .. } => {
-                let gid = format!("bench_{w}_{n}");
-                let (pa, pb_) = tokio::join!(prepare(a, DEBIT, from, &gid), prepare(b, CREDIT, to, &gid));
+                let prepare = format!("PREPARE TRANSACTION 'bench_{w}_{n}'");
+                let (debit, credit) = ([(&a.debit, from)], [(&b.credit, to)]);
+                let (pa, pb_) = tokio::join!(a.transaction(&debit, &prepare), b.transaction(&credit, &prepare));
                 pa.map_err(pg)?;
                 pb_.map_err(pg)?;
-                let commit = format!("COMMIT PREPARED '{gid}'");
-                let (ca, cb) = tokio::join!(a.batch_execute(&commit), b.batch_execute(&commit));
+                let commit = format!("COMMIT PREPARED 'bench_{w}_{n}'");
+                let (ca, cb) = tokio::join!(a.client.batch_execute(&commit), b.client.batch_execute(&commit));
                 ca.map_err(pg)?;
                 cb.map_err(pg)
             }
@@ -479,27 +526,18 @@ impl Worker {
                     [&(dyn tokio_postgres::types::ToSql + Sync); 1],
                     [&(dyn tokio_postgres::types::ToSql + Sync); 1],
                 ) = ([&from], [&to]);
-                let (da, cb) = tokio::join!(a.execute(DEBIT, &pa), b.execute(CREDIT, &pb_));
+                let (da, cb) = tokio::join!(a.client.execute(&a.debit, &pa), b.client.execute(&b.credit, &pb_));
                 da.map_err(pg)?;
                 cb.map_err(pg).map(|_| ())
             }
             Worker::Databases { a, accounts, .. } => {
                 // single_db: both accounts in A (the credit in its second
                 // range of accounts).
-                a.batch_execute("BEGIN").await.map_err(pg)?;
-                a.execute(DEBIT, &[&from]).await.map_err(pg)?;
-                a.execute(CREDIT, &[&(*accounts + to)]).await.map_err(pg)?;
-                a.batch_execute("COMMIT").await.map_err(pg)
+                let both = [(&a.debit, from), (&a.credit, *accounts + to)];
+                a.transaction(&both, "COMMIT").await.map_err(pg)
             }
         }
     }
-}
-
-/// One bare-2PC branch: BEGIN, the update, PREPARE TRANSACTION.
-async fn prepare(c: &tokio_postgres::Client, sql: &str, id: i64, gid: &str) -> Result<(), tokio_postgres::Error> {
-    c.batch_execute("BEGIN").await?;
-    c.execute(sql, &[&id]).await?;
-    c.batch_execute(&format!("PREPARE TRANSACTION '{gid}'")).await
 }
 
 /// The results as a table, with Tandem's throughput as a share of bare
