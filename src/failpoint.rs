@@ -10,7 +10,8 @@
 //!
 //! The points, in the order a commit meets them:
 //! - `coordinator::before_prepare`: a branch's statements ran, its PREPARE
-//!   is next;
+//!   is next (for a PostgreSQL branch whose statements go out with its
+//!   PREPARE in one write, just before that write);
 //! - `coordinator::after_prepare`: a branch's PREPARE succeeded;
 //! - `coordinator::before_commit_decision`: every branch is prepared, the
 //!   COMMIT is about to be proposed;

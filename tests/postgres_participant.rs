@@ -130,14 +130,125 @@ async fn a_first_statement_cut_short_leaves_no_transaction_open() {
     branch.rollback().await.unwrap();
     // Long enough for the sleep to have ended on the server either way.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let open: i64 = pg
-        .client("accounts")
+    assert_eq!(open_transactions(&pg).await, 0, "a pooled connection was left inside a transaction");
+}
+
+/// Connections sitting inside a transaction.
+async fn open_transactions(pg: &PgServer) -> i64 {
+    pg.client("accounts")
         .await
         .query_one("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'", &[])
         .await
         .unwrap()
-        .get(0);
-    assert_eq!(open, 0, "a pooled connection was left inside a transaction");
+        .get(0)
+}
+
+/// A one-shot branch whose statements return no rows goes out in one write
+/// (BEGIN, the statements, PREPARE): they run in order inside one
+/// transaction, which is prepared, not committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_branch_runs_its_statements_in_order_and_prepares() {
+    let (pg, p) = setup().await;
+    let statements = [
+        stmt("UPDATE balances SET balance = balance - $1 WHERE id = $2", vec![Value::Int64(10), Value::Int64(1)]),
+        // Sees the first statement's write: same transaction, after it.
+        stmt("UPDATE balances SET balance = (SELECT balance FROM balances WHERE id = 1) WHERE id = 2", vec![]),
+        stmt("UPDATE balances SET balance = 0 WHERE id > 100", vec![]),
+    ];
+    let g = gid("t6", 0);
+    let (results, prepared) = p.begin().await.unwrap().run_and_prepare(&statements, &g, 1 << 20).await.unwrap();
+    assert_eq!(results.iter().map(|r| r.rows_affected).collect::<Vec<_>>(), [1, 1, 0]);
+    assert!(prepared.xid.is_some());
+    assert_eq!(p.prepared_branches(CLUSTER).await.unwrap(), vec![g.clone()]);
+    assert_eq!((balance(&pg, 1).await, balance(&pg, 2).await), (100, 100));
+    assert_eq!(p.commit_prepared(&g).await.unwrap(), Phase2::Done);
+    assert_eq!((balance(&pg, 1).await, balance(&pg, 2).await), (90, 90));
+
+    // A statement that needs an earlier one to have run before it can be
+    // parsed: one at a time.
+    let statements = [
+        stmt("CREATE TABLE notes (id bigint PRIMARY KEY)", vec![]),
+        stmt("INSERT INTO notes VALUES ($1)", vec![Value::Int64(1)]),
+    ];
+    let g = gid("t12", 0);
+    let (results, _) = p.begin().await.unwrap().run_and_prepare(&statements, &g, 1 << 20).await.unwrap();
+    assert_eq!(results[1].rows_affected, 1);
+    p.rollback_prepared(&g).await.unwrap();
+
+    // A branch that returns rows runs one statement at a time, its rows
+    // counted against the limit before PREPARE.
+    let select = stmt("SELECT id FROM balances ORDER BY id", vec![]);
+    let (results, _) =
+        p.begin().await.unwrap().run_and_prepare(std::slice::from_ref(&select), &gid("t7", 0), 1 << 20).await.unwrap();
+    assert_eq!(results[0].rows.len(), 10);
+    p.rollback_prepared(&gid("t7", 0)).await.unwrap();
+    let failed = p.begin().await.unwrap().run_and_prepare(&[select], &gid("t8", 0), 64).await.unwrap_err();
+    assert_eq!(failed.statement, Some(0));
+    assert!(matches!(&failed.error, Error::InvalidInput(m) if m.contains("result_bytes_max")), "{failed:?}");
+    assert!(p.prepared_branches(CLUSTER).await.unwrap().is_empty());
+    assert_eq!(open_transactions(&pg).await, 0);
+}
+
+/// A statement that fails in the middle of a one-shot branch: its error,
+/// with its index, and nothing prepared, nothing applied, no connection
+/// left inside a transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_statement_in_a_one_shot_branch_prepares_nothing() {
+    let (pg, p) = setup().await;
+    let statements = [
+        stmt("UPDATE balances SET balance = 1 WHERE id = 3", vec![]),
+        // Violates the CHECK constraint.
+        stmt("UPDATE balances SET balance = -1 WHERE id = 4", vec![]),
+        stmt("UPDATE balances SET balance = 1 WHERE id = 5", vec![]),
+    ];
+    let failed = p.begin().await.unwrap().run_and_prepare(&statements, &gid("t9", 0), 1 << 20).await.unwrap_err();
+    assert_eq!(failed.statement, Some(1));
+    assert!(
+        matches!(&failed.error, Error::FailedPrecondition(m) if m.contains("balances_balance_check")),
+        "{failed:?}"
+    );
+    // Too few parameters: the client refuses it before sending anything.
+    let short = [stmt("UPDATE balances SET balance = $1 WHERE id = $2", vec![Value::Int64(1)])];
+    let failed = p.begin().await.unwrap().run_and_prepare(&short, &gid("t10", 0), 1 << 20).await.unwrap_err();
+    assert_eq!(failed.statement, Some(0));
+    assert!(p.prepared_branches(CLUSTER).await.unwrap().is_empty());
+    for id in 3..=5 {
+        assert_eq!(balance(&pg, id).await, 100);
+    }
+    assert_eq!(open_transactions(&pg).await, 0);
+}
+
+/// A one-shot branch cut short by a deadline while its statements wait on
+/// a lock: its connection is closed, so PREPARE never runs, even once the
+/// lock is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_branch_cut_short_prepares_nothing() {
+    let (pg, p) = setup().await;
+    let holder = pg.client("accounts").await;
+    holder.batch_execute("BEGIN; SELECT * FROM balances WHERE id = 6 FOR UPDATE").await.unwrap();
+    let statements = [stmt("UPDATE balances SET balance = 1 WHERE id = 6", vec![])];
+    let g = gid("t11", 0);
+    let run = p.begin().await.unwrap().run_and_prepare(&statements, &g, 1 << 20);
+    let cut = tokio::time::timeout(std::time::Duration::from_millis(300), run).await;
+    assert!(cut.is_err(), "the statement should be waiting on the lock");
+    // The cancel lands: nothing waits on the lock any more. Without it, the
+    // UPDATE would run once the lock is free, and the PREPARE queued behind
+    // it.
+    let watcher = pg.client("accounts").await;
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'";
+    for _ in 0..100 {
+        if watcher.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(watcher.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0), 0, "the statement was not cancelled");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    for _ in 0..10 {
+        assert!(p.prepared_branches(CLUSTER).await.unwrap().is_empty());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(balance(&pg, 6).await, 100);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

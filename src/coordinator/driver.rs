@@ -550,37 +550,23 @@ impl Driver {
                 let result_bytes_max = self.node.config.limits.result_bytes_max;
                 tokio::spawn(async move {
                     let work = async {
-                        let mut session = match session {
+                        let session = match session {
                             Some(s) => s,
                             None => participant.begin().await?,
                         };
-                        let mut out = Vec::with_capacity(statements.len());
-                        let mut bytes = 0;
-                        for (i, s) in statements.iter().enumerate() {
-                            let result = session.execute(s).await.and_then(|r| {
-                                bytes += r.approx_bytes();
-                                if bytes > result_bytes_max {
-                                    return Err(Error::InvalidInput(format!(
-                                        "the returned rows are over {result_bytes_max} bytes \
-                                         (limits.result_bytes_max)"
-                                    )));
-                                }
-                                Ok(r)
-                            });
-                            match result {
-                                Ok(r) => out.push(r),
-                                Err(e) => {
-                                    session.rollback().await.ok();
-                                    let e = e.context(&format!("branch {branch} statement {i}"));
+                        let (out, prepared) = session
+                            .run_and_prepare(&statements, &gid, result_bytes_max)
+                            .await
+                            .map_err(|failed| match failed.statement {
+                                Some(i) => {
+                                    let e = failed.error.context(&format!("branch {branch} statement {i}"));
                                     if matches!(e, Error::InvalidInput(_)) {
                                         invalid.lock().expect("invalid lock").get_or_insert(e.clone());
                                     }
-                                    return Err(e);
+                                    e
                                 }
-                            }
-                        }
-                        failpoint::hit("coordinator::before_prepare").await;
-                        let prepared = session.prepare(&gid).await?;
+                                None => failed.error,
+                            })?;
                         if let Some(slot) = results.lock().expect("results lock").get_mut(branch) {
                             *slot = Some(out);
                         }

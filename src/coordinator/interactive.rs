@@ -33,6 +33,7 @@ use crate::participant::BranchSession;
 use crate::participant::Participant;
 use crate::participant::Statement;
 use crate::participant::StatementResult;
+use crate::participant::check_result_bytes;
 use crate::participant::guard::refuse_transaction_control;
 use crate::raft::CommandResponse;
 use crate::raft::Op;
@@ -120,10 +121,10 @@ impl Coordinator {
         let run = open.sessions[branch].execute(&statement);
         let max = self.node.config.limits.result_bytes_max;
         let error = match tokio::time::timeout_at(live.deadline.into(), run).await {
-            Ok(Ok(result)) if result.approx_bytes() > max => {
-                Error::InvalidInput(format!("the returned rows are over {max} bytes (limits.result_bytes_max)"))
-            }
-            Ok(Ok(result)) => return Ok(result),
+            Ok(Ok(result)) => match check_result_bytes(result.approx_bytes(), max) {
+                Ok(()) => return Ok(result),
+                Err(e) => e,
+            },
             Ok(Err(e)) => e,
             Err(_) => Error::FailedPrecondition("the transaction passed its deadline".into()),
         };

@@ -96,6 +96,67 @@ pub trait BranchSession: Send {
 
     /// Rolls back the unprepared branch.
     async fn rollback(self: Box<Self>) -> Result<()>;
+
+    /// Runs a branch's `statements`, all known up front (a one-shot
+    /// transaction), then prepares it under `gid`: [`run_then_prepare`],
+    /// unless an adapter sends them together (PostgreSQL pipelines them).
+    /// The returned rows may take at most `result_bytes_max` bytes. On a
+    /// failed statement the branch is rolled back.
+    async fn run_and_prepare(
+        self: Box<Self>,
+        statements: &[Statement],
+        gid: &Gid,
+        result_bytes_max: usize,
+    ) -> std::result::Result<(Vec<StatementResult>, Prepared), BranchFailed> {
+        run_then_prepare(self, statements, gid, result_bytes_max).await
+    }
+}
+
+/// Why a branch did not prepare: a statement's error, or PREPARE's.
+#[derive(Debug)]
+pub struct BranchFailed {
+    /// The index of the statement that failed; `None` if PREPARE did.
+    pub statement: Option<usize>,
+    pub error: Error,
+}
+
+/// Runs `statements` one at a time, each awaited, then prepares under
+/// `gid`: what [`BranchSession::run_and_prepare`] does unless an adapter
+/// does better.
+pub async fn run_then_prepare<S: BranchSession + ?Sized>(
+    mut session: Box<S>,
+    statements: &[Statement],
+    gid: &Gid,
+    result_bytes_max: usize,
+) -> std::result::Result<(Vec<StatementResult>, Prepared), BranchFailed> {
+    let mut out = Vec::with_capacity(statements.len());
+    let mut bytes = 0;
+    for (i, s) in statements.iter().enumerate() {
+        let result = session.execute(s).await.and_then(|r| {
+            bytes += r.approx_bytes();
+            check_result_bytes(bytes, result_bytes_max)?;
+            Ok(r)
+        });
+        match result {
+            Ok(r) => out.push(r),
+            Err(error) => {
+                session.rollback().await.ok();
+                return Err(BranchFailed { statement: Some(i), error });
+            }
+        }
+    }
+    crate::failpoint::hit("coordinator::before_prepare").await;
+    let prepared = session.prepare(gid).await.map_err(|error| BranchFailed { statement: None, error })?;
+    Ok((out, prepared))
+}
+
+/// INVALID_ARGUMENT if a branch's returned rows, `bytes` so far, are over
+/// `max` (`limits.result_bytes_max`).
+pub fn check_result_bytes(bytes: usize, max: usize) -> Result<()> {
+    if bytes > max {
+        return Err(Error::InvalidInput(format!("the returned rows are over {max} bytes (limits.result_bytes_max)")));
+    }
+    Ok(())
 }
 
 #[async_trait]

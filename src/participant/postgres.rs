@@ -9,6 +9,9 @@
 //!   the same query string as its PREPARE, just before it, which also
 //!   proves the transaction had not failed (PREPARE of a failed
 //!   transaction rolls back silently).
+//! - A one-shot branch whose statements return no rows goes out pipelined,
+//!   BEGIN to PREPARE: one round trip
+//!   ([`BranchSession::run_and_prepare`]).
 //! - Each pooled connection keeps the statements it ran prepared (at most
 //!   256), so a statement costs one round trip. A statement whose plan a
 //!   schema change made stale fails once, and is then prepared afresh on
@@ -37,6 +40,7 @@ use tokio_postgres::types::IsNull;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::types::Type;
 
+use super::BranchFailed;
 use super::BranchSession;
 use super::Participant;
 use super::Phase2;
@@ -44,6 +48,7 @@ use super::Prepared;
 use super::Statement;
 use super::StatementResult;
 use super::Value;
+use super::run_then_prepare;
 use crate::error::Error;
 use crate::error::Result;
 use crate::txn::gid::Gid;
@@ -237,6 +242,7 @@ impl Participant for PostgresParticipant {
             conn: Some(conn),
             pool: self.pool.clone(),
             begun: false,
+            prepare_queued: false,
         }))
     }
 
@@ -287,16 +293,36 @@ struct PostgresBranch {
     /// first statement (the two pipelined, one round trip instead of two,
     /// as PgJDBC does), or, for a branch with no statement, with PREPARE.
     begun: bool,
+    /// Whether PREPARE went out behind the statements and its answer has
+    /// not been read ([`BranchSession::run_and_prepare`]).
+    prepare_queued: bool,
 }
 
 impl Drop for PostgresBranch {
     /// A branch dropped while its transaction is open (a deadline, a lost
     /// client) must not hand that connection back to the pool: it is closed
     /// instead, and PostgreSQL rolls the transaction back.
+    ///
+    /// Closing the socket is not enough when PREPARE was queued behind the
+    /// statements: a server waiting on a lock does not notice the client
+    /// has gone, and it has the queued messages already, so once the lock
+    /// is free it would run the statement, then PREPARE, and only learn of
+    /// the closed socket when it answers. The running statement is
+    /// cancelled instead: it fails, the transaction is aborted, and the
+    /// queued PREPARE fails with it. The cancel can miss (it lands between
+    /// two statements, or once PREPARE runs); then the branch may be
+    /// prepared after the driver's ROLLBACK PREPARED found nothing, and the
+    /// leader's reconciliation rolls it back (presumed abort) within
+    /// `coordinator.recovery_interval_ms`.
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            drop(Object::take(conn));
+        let Some(conn) = self.conn.take() else { return };
+        if self.prepare_queued {
+            let cancel = conn.cancel_token();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { cancel.cancel_query(NoTls).await.ok() });
+            }
         }
+        drop(Object::take(conn));
     }
 }
 
@@ -304,6 +330,52 @@ impl PostgresBranch {
     fn conn(&self) -> Result<&Object> {
         self.conn.as_ref().ok_or_else(|| Error::Internal("branch already ended".into()))
     }
+
+    /// `statement` prepared on this branch's connection, which keeps its
+    /// statements prepared up to a bound.
+    async fn prepare_statement(&self, statement: &Statement) -> Result<tokio_postgres::Statement> {
+        let conn = self.conn()?;
+        let cache = &conn.statement_cache;
+        if cache.size() >= STATEMENT_CACHE_MAX {
+            cache.clear();
+        }
+        conn.prepare_cached(&statement.sql).await.map_err(|e| self.statement_failed(statement, e))
+    }
+
+    /// The error of a failed `statement`. A plan made stale by a schema
+    /// change ("cached plan must not change result type"), or a statement
+    /// deallocated, is dropped from every connection's cache, so that it
+    /// fails once, not once per connection.
+    fn statement_failed(&self, statement: &Statement, e: tokio_postgres::Error) -> Error {
+        let stale = [SqlState::FEATURE_NOT_SUPPORTED, SqlState::INVALID_SQL_STATEMENT_NAME];
+        if e.code().is_some_and(|c| stale.contains(c)) {
+            self.pool.manager().statement_caches.remove(&statement.sql, &[]);
+        }
+        pg_error(&self.participant, e)
+    }
+}
+
+/// The transaction id the SELECT before PREPARE returned.
+fn transaction_id(messages: &[SimpleQueryMessage]) -> Option<u64> {
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => row.get(0).and_then(|x| x.parse::<u64>().ok()),
+        _ => None,
+    })
+}
+
+/// Awaits `futures`, first polling each in the order given: a query sends
+/// its request when first polled, so the requests go out in that order.
+async fn in_order<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(|f| Box::pin(futures::future::maybe_done(f))).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for f in &mut futures {
+            done &= f.as_mut().poll(cx).is_ready();
+        }
+        if done { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await;
+    futures.iter_mut().map(|f| f.as_mut().take_output().expect("polled to completion")).collect()
 }
 
 #[async_trait]
@@ -318,23 +390,7 @@ impl BranchSession for PostgresBranch {
         let conn = self.conn()?;
         let params: Vec<TextParam> = statement.params.iter().map(text_param).collect();
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        // Each connection keeps its statements prepared, up to a bound.
-        let cache = &conn.statement_cache;
-        if cache.size() >= STATEMENT_CACHE_MAX {
-            cache.clear();
-        }
-        let failed = |e: tokio_postgres::Error| {
-            // A plan made stale by a schema change ("cached plan must not
-            // change result type"), or a statement deallocated: every
-            // connection prepares it afresh, so it fails once, not once per
-            // connection.
-            let stale = [SqlState::FEATURE_NOT_SUPPORTED, SqlState::INVALID_SQL_STATEMENT_NAME];
-            if e.code().is_some_and(|c| stale.contains(c)) {
-                self.pool.manager().statement_caches.remove(&statement.sql, &[]);
-            }
-            pg_error(&self.participant, e)
-        };
-        let prepared = conn.prepare_cached(&statement.sql).await.map_err(failed)?;
+        let prepared = self.prepare_statement(statement).await?;
         // The first statement is pipelined behind BEGIN (`biased`: BEGIN is
         // polled, so queued, first): PostgreSQL runs them in order on this
         // connection, so the statement runs inside the transaction.
@@ -355,7 +411,7 @@ impl BranchSession for PostgresBranch {
             let (begun, rows) = tokio::join!(biased; begin, conn.query(&prepared, &refs));
             (begun, rows.map(Ran::Rows))
         };
-        let ran = ran.map_err(failed);
+        let ran = ran.map_err(|e| self.statement_failed(statement, e));
         if let Err(e) = begun {
             // Only a broken connection fails BEGIN, and the statement with
             // it; the connection is closed, never reused.
@@ -395,13 +451,96 @@ impl BranchSession for PostgresBranch {
             .simple_query(&format!("{begin}SELECT pg_current_xact_id()::text; PREPARE TRANSACTION '{gid_text}'"))
             .await
             .map_err(|e| pg_error(&p, e))?;
-        let xid = messages.iter().find_map(|m| match m {
-            SimpleQueryMessage::Row(row) => row.get(0).and_then(|x| x.parse::<u64>().ok()),
-            _ => None,
-        });
+        let xid = transaction_id(&messages);
         // Out of the transaction now: the connection may go back to the pool.
         self.conn.take();
         Ok(Prepared { xid })
+    }
+
+    /// A fresh branch whose statements return no rows (their results are
+    /// counts, so the result limit cannot be passed) goes out pipelined:
+    /// BEGIN, every statement, then the transaction id and PREPARE, one round
+    /// trip in all. PostgreSQL runs them in order; after a failed statement
+    /// the rest fail too (the transaction is aborted), the SELECT before
+    /// PREPARE with them, so PREPARE never runs. Any other branch runs its
+    /// statements one at a time ([`run_then_prepare`]).
+    async fn run_and_prepare(
+        mut self: Box<Self>,
+        statements: &[Statement],
+        gid: &Gid,
+        result_bytes_max: usize,
+    ) -> std::result::Result<(Vec<StatementResult>, Prepared), BranchFailed> {
+        let fail = |statement, error| BranchFailed { statement, error };
+        let gid_text = gid.validated().map_err(|e| fail(None, e))?;
+        let counts_only = statements.len() * StatementResult::default().approx_bytes() <= result_bytes_max;
+        if self.begun || statements.is_empty() || !counts_only {
+            return run_then_prepare(self, statements, gid, result_bytes_max).await;
+        }
+        let mut prepared = Vec::with_capacity(statements.len());
+        for statement in statements {
+            match self.prepare_statement(statement).await {
+                Ok(p) if p.columns().is_empty() && p.params().len() == statement.params.len() => prepared.push(p),
+                // One at a time instead, if a statement returns rows (the
+                // limit is checked before PREPARE), if its parameters do
+                // not match (the client refuses it before sending; had it
+                // refused one in the pipeline, the rest and PREPARE would
+                // still have gone), or if it cannot be prepared yet: it may
+                // need an earlier statement to have run (a table that
+                // statement creates, a `SET LOCAL search_path`), and the
+                // statements' errors must come in their order.
+                _ => return run_then_prepare(self, statements, gid, result_bytes_max).await,
+            }
+        }
+        crate::failpoint::hit("coordinator::before_prepare").await;
+        // From here the branch is begun: an early exit (a deadline) drops
+        // it, and the drop guard closes the connection and cancels what
+        // PREPARE waits behind.
+        self.begun = true;
+        self.prepare_queued = true;
+        let conn = self.conn().map_err(|e| fail(Some(0), e))?;
+        let params: Vec<Vec<TextParam>> =
+            statements.iter().map(|s| s.params.iter().map(text_param).collect()).collect();
+        let refs: Vec<Vec<&(dyn ToSql + Sync)>> =
+            params.iter().map(|ps| ps.iter().map(|p| p as &(dyn ToSql + Sync)).collect()).collect();
+        let runs = in_order(prepared.iter().zip(&refs).map(|(p, r)| conn.execute(p, r)).collect());
+        let prepare = format!("SELECT pg_current_xact_id()::text; PREPARE TRANSACTION '{gid_text}'");
+        // `biased`: polled, so queued, in this order.
+        let (begun, ran, messages) =
+            tokio::join!(biased; conn.batch_execute("BEGIN"), runs, conn.simple_query(&prepare));
+        self.prepare_queued = false;
+        if let Err(e) = begun {
+            // Only a broken connection fails BEGIN; it is closed, never
+            // reused.
+            let e = pg_error(&self.participant, e);
+            if let Some(conn) = self.conn.take() {
+                drop(Object::take(conn));
+            }
+            return Err(fail(Some(0), e));
+        }
+        let mut out = Vec::with_capacity(ran.len());
+        for (i, n) in ran.into_iter().enumerate() {
+            match n {
+                Ok(n) => out.push(StatementResult { rows_affected: n, ..Default::default() }),
+                Err(e) => {
+                    let e = self.statement_failed(&statements[i], e);
+                    if messages.is_ok() {
+                        // Cannot happen unless the client refused a
+                        // statement unsent; the branch is prepared, and
+                        // the driver rolls back a branch that failed by gid.
+                        tracing::warn!(%gid, error = %e, "a pipelined branch prepared although a statement failed");
+                    }
+                    self.rollback().await.ok();
+                    return Err(fail(Some(i), e));
+                }
+            }
+        }
+        // Every statement ran, so an error here is PREPARE's (or the
+        // connection's): the drop guard closes the connection.
+        let messages = messages.map_err(|e| fail(None, pg_error(&self.participant, e)))?;
+        let xid = transaction_id(&messages);
+        // Out of the transaction now: the connection may go back to the pool.
+        self.conn.take();
+        Ok((out, Prepared { xid }))
     }
 
     async fn rollback(mut self: Box<Self>) -> Result<()> {
