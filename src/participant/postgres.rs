@@ -315,6 +315,19 @@ impl Drop for PostgresBranch {
     /// leader's reconciliation rolls it back (presumed abort) within
     /// `coordinator.recovery_interval_ms`.
     fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl PostgresBranch {
+    fn conn(&self) -> Result<&Object> {
+        self.conn.as_ref().ok_or_else(|| Error::Internal("branch already ended".into()))
+    }
+
+    /// Closes the branch's connection, if it still has one, instead of
+    /// returning it to the pool; cancels the running statement if PREPARE
+    /// waits behind it (see the drop guard).
+    fn close(&mut self) {
         let Some(conn) = self.conn.take() else { return };
         if self.prepare_queued {
             let cancel = conn.cancel_token();
@@ -323,12 +336,6 @@ impl Drop for PostgresBranch {
             }
         }
         drop(Object::take(conn));
-    }
-}
-
-impl PostgresBranch {
-    fn conn(&self) -> Result<&Object> {
-        self.conn.as_ref().ok_or_else(|| Error::Internal("branch already ended".into()))
     }
 
     /// `statement` prepared on this branch's connection, which keeps its
@@ -365,7 +372,7 @@ fn transaction_id(messages: &[SimpleQueryMessage]) -> Option<u64> {
 
 /// Awaits `futures`, first polling each in the order given: a query sends
 /// its request when first polled, so the requests go out in that order.
-async fn in_order<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+pub(crate) async fn in_order<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     let mut futures: Vec<_> = futures.into_iter().map(|f| Box::pin(futures::future::maybe_done(f))).collect();
     std::future::poll_fn(|cx| {
         let mut done = true;
@@ -415,11 +422,8 @@ impl BranchSession for PostgresBranch {
         if let Err(e) = begun {
             // Only a broken connection fails BEGIN, and the statement with
             // it; the connection is closed, never reused.
-            let e = pg_error(&self.participant, e);
-            if let Some(conn) = self.conn.take() {
-                drop(Object::take(conn));
-            }
-            return Err(e);
+            self.close();
+            return Err(pg_error(&self.participant, e));
         }
         let rows = match ran? {
             Ran::Affected(n) => return Ok(StatementResult { rows_affected: n, ..Default::default() }),
@@ -511,11 +515,8 @@ impl BranchSession for PostgresBranch {
         if let Err(e) = begun {
             // Only a broken connection fails BEGIN; it is closed, never
             // reused.
-            let e = pg_error(&self.participant, e);
-            if let Some(conn) = self.conn.take() {
-                drop(Object::take(conn));
-            }
-            return Err(fail(Some(0), e));
+            self.close();
+            return Err(fail(Some(0), pg_error(&self.participant, e)));
         }
         let mut out = Vec::with_capacity(ran.len());
         for (i, n) in ran.into_iter().enumerate() {

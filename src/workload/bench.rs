@@ -38,6 +38,7 @@ use crate::client::Client;
 use crate::config::ParticipantConfig;
 use crate::error::Error;
 use crate::error::Result;
+use crate::participant::postgres::in_order;
 use crate::proto as pb;
 use crate::txn::Branch;
 use crate::txn::Decision;
@@ -441,7 +442,7 @@ impl Connection {
         Ok(Self { client, debit, credit })
     }
 
-    /// Runs `statement` on account `id` inside BEGIN … `end`, all
+    /// Runs each statement on its account inside BEGIN … `end`, all
     /// pipelined: one round trip. Every answer is checked, so a failed
     /// update fails the call even though `end` on a failed transaction
     /// rolls it back without an error.
@@ -453,9 +454,8 @@ impl Connection {
         let c = &self.client;
         let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 1]> =
             statements.iter().map(|(_, id)| [id as &(dyn tokio_postgres::types::ToSql + Sync)]).collect();
-        let updates = futures::future::join_all(statements.iter().zip(&params).map(|((s, _), p)| c.execute(*s, p)));
-        // `biased`: polled, so sent, in this order (`join_all` polls a
-        // short list in order).
+        let updates = in_order(statements.iter().zip(&params).map(|((s, _), p)| c.execute(*s, p)).collect());
+        // `biased`: polled, so sent, in this order.
         let (begin, updates, end) = tokio::join!(biased; c.batch_execute("BEGIN"), updates, c.batch_execute(end));
         begin?;
         for n in updates {
