@@ -47,7 +47,9 @@ async fn bounded<T>(call: impl std::future::Future<Output = Result<T>>) -> Resul
         .unwrap_or_else(|_| Err(Error::Unavailable { message: "no answer in time".into(), leader: None }))
 }
 
-/// Every record in `state`, page by page.
+/// Every incomplete record in `state`, page by page: found through the
+/// state machine's index of incomplete records, so a round reads only
+/// those, however many completed records the node holds.
 async fn incomplete(node: &crate::server::Node, state: RecordState) -> Result<Vec<crate::txn::TxnRecord>> {
     let mut out = Vec::new();
     let mut after = None;
@@ -62,7 +64,6 @@ async fn incomplete(node: &crate::server::Node, state: RecordState) -> Result<Ve
     }
 }
 
-/// Runs recovery rounds while the node lives.
 /// Runs recovery rounds while the node lives: at once when it becomes
 /// leader (what a previous leader left in doubt holds locks that new
 /// transactions wait on), then every `interval`.

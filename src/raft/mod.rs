@@ -40,9 +40,12 @@
 //! | `raft_meta` | `vote`, `committed`, `last_purged` | JSON |
 //! | `sm_records` | txid | [`crate::txn::TxnRecord`] (JSON) |
 //! | `sm_keys` | idempotency key | txid |
-//! | `sm_completed` | completed time (u64 BE) + txid | empty |
+//! | `sm_completed` | completed time (u64 BE) + txid | `k` + the record's idempotency key, or `-` |
+//! | `sm_open` | txid of an incomplete record | `c` (COMMIT) or `a` (ABORT) |
+//! | `sm_open` | empty: the index is whole | empty |
 //! | `sm_meta` | `last_applied`, `membership`, `snapshot_meta` | JSON |
 //! | `sm_meta` | `snapshot_file` | the current snapshot's checkpoint |
+//! | `sm_meta` | `snapshot_installing` | a received snapshot being installed (JSON) |
 //!
 //! Snapshots are RocksDB checkpoints in the `snapshots` directory beside
 //! RocksDB's own files (see [`snapshot`]).
@@ -236,8 +239,10 @@ pub(crate) mod cf {
     pub const SM_RECORDS: &str = "sm_records";
     pub const SM_KEYS: &str = "sm_keys";
     pub const SM_COMPLETED: &str = "sm_completed";
+    /// The incomplete records (decided, phase 2 not complete), by txid.
+    pub const SM_OPEN: &str = "sm_open";
     pub const SM_META: &str = "sm_meta";
-    pub const ALL: [&str; 6] = [RAFT_LOG, RAFT_META, SM_RECORDS, SM_KEYS, SM_COMPLETED, SM_META];
+    pub const ALL: [&str; 7] = [RAFT_LOG, RAFT_META, SM_RECORDS, SM_KEYS, SM_COMPLETED, SM_OPEN, SM_META];
 }
 
 /// RocksDB's memtables, all column families together.

@@ -125,11 +125,22 @@ pub(crate) fn create_checkpoint(db: &DB, dir: &Path) -> io::Result<String> {
     Ok(name)
 }
 
-/// Opens a checkpoint, read-only.
+/// Opens a checkpoint, read-only, with the column families it has: one an
+/// earlier build made lacks those added since (only `sm_records` and
+/// `sm_meta` are read from it).
 pub(crate) fn open_checkpoint(path: &Path) -> io::Result<DB> {
     let mut opts = rocksdb::Options::default();
     opts.set_max_open_files(64);
-    DB::open_cf_for_read_only(&opts, path, cf::ALL, false).map_err(io::Error::other)
+    let families = DB::list_cf(&opts, path).map_err(io::Error::other)?;
+    for needed in [cf::SM_RECORDS, cf::SM_META] {
+        if !families.iter().any(|f| f == needed) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("checkpoint {} has no {needed} column family", path.display()),
+            ));
+        }
+    }
+    DB::open_cf_for_read_only(&opts, path, families, false).map_err(io::Error::other)
 }
 
 /// The records of the checkpoint at `path` written to a snapshot file, open
@@ -326,6 +337,29 @@ mod tests {
 
     fn read(path: &Path) -> io::Result<Vec<String>> {
         SnapshotFile::open(path)?.records()?.map(|r| r.map(|l| String::from_utf8(l).unwrap())).collect()
+    }
+
+    #[test]
+    fn a_checkpoint_without_the_newer_column_families_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // The column families of a build before sm_open.
+        let earlier = [cf::RAFT_LOG, cf::RAFT_META, cf::SM_RECORDS, cf::SM_KEYS, cf::SM_COMPLETED, cf::SM_META];
+        let path = dir.path().join("earlier");
+        {
+            let db = DB::open_cf(&opts, &path, earlier).unwrap();
+            db.put_cf(&db.cf_handle(cf::SM_RECORDS).unwrap(), "t1", "{}").unwrap();
+        }
+        let db = open_checkpoint(&path).unwrap();
+        assert_eq!(db.get_cf(&db.cf_handle(cf::SM_RECORDS).unwrap(), "t1").unwrap().unwrap(), b"{}");
+        drop(db);
+        // One without the records is refused, saying why.
+        let path = dir.path().join("no-records");
+        drop(DB::open_cf(&opts, &path, [cf::SM_META]).unwrap());
+        let e = open_checkpoint(&path).err().unwrap();
+        assert!(e.to_string().contains("no sm_records"), "{e}");
     }
 
     #[test]

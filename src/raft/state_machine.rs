@@ -6,9 +6,10 @@
 //!   the decision (and binds a COMMIT's idempotency key to the txid, unless
 //!   another committed txid holds the key: then nothing is recorded). With a
 //!   record, nothing changes. Either way the answer carries the record that
-//!   holds, so every caller learns the one decision.
-//! - `Complete` stamps the completion time once; repeating it changes
-//!   nothing.
+//!   holds, so every caller learns the one decision. A new record enters the
+//!   `sm_open` index of incomplete records.
+//! - `Complete` stamps the completion time once, and takes the record out of
+//!   `sm_open`; repeating it changes nothing.
 //! - `Forget` drops completed records completed before a time, with their
 //!   idempotency keys, walking the `sm_completed` index in time order.
 //!
@@ -19,11 +20,12 @@
 //!
 //! A snapshot is a RocksDB checkpoint of the state machine (see
 //! [`super::snapshot`]); it travels as the list of records, and the applied
-//! position and membership as its meta. The key index and the completion
-//! index are derived from the records when a snapshot is installed; while
-//! one is installed, local reads on that node may miss records. `sm_meta`
-//! names the current checkpoint, so that it survives a restart and can be
-//! sent to a lagging follower.
+//! position and membership as its meta. The key index, the completion index
+//! and the open index are derived from the records when a snapshot is
+//! installed. While one is installed, local reads on that node may miss
+//! records (the indexes are emptied before the records). `sm_meta` names the
+//! current checkpoint, so that it survives a restart and can be sent to a
+//! lagging follower.
 
 use std::collections::HashMap;
 use std::io;
@@ -82,6 +84,15 @@ const KEY_SNAPSHOT_LEGACY: &[u8] = b"snapshot";
 const KEY_SNAPSHOT_FILE: &[u8] = b"snapshot_file";
 /// Set while a received snapshot is loaded: the meta and file to finish with.
 const KEY_SNAPSHOT_INSTALLING: &[u8] = b"snapshot_installing";
+/// The `sm_open` key (no txid is empty) present once the index holds every
+/// incomplete record: absent in a store an earlier build wrote, which
+/// [`StateMachine::open`] then indexes. Kept in the index's own column
+/// family, so that the family dropped by hand (to open the store with an
+/// earlier build) is indexed again.
+const OPEN_INDEXED: &[u8] = b"";
+/// `sm_open` values: the decision of the incomplete record.
+const OPEN_COMMIT: &[u8] = b"c";
+const OPEN_ABORT: &[u8] = b"a";
 /// Writes per RocksDB write batch while a snapshot is loaded.
 const INSTALL_BATCH_WRITES: usize = 10_000;
 /// Most entries applied in place on the state machine's task; see `apply`.
@@ -177,7 +188,45 @@ fn write_synced(db: &DB, batch: WriteBatch) -> io::Result<()> {
 /// way (see [`StateMachine::open`]), it finishes the job: the file stays
 /// until the checkpoint is named current. Returns the number of records.
 fn load(db: &DB, dir: &Path, meta: &SnapshotMetaOf<TypeConfig>, name: &str) -> io::Result<u64> {
-    for name in [cf::SM_RECORDS, cf::SM_KEYS, cf::SM_COMPLETED] {
+    // The indexes first: meanwhile a local read may miss a record, but
+    // finds no index entry without its record.
+    clear(db, &[cf::SM_OPEN, cf::SM_COMPLETED, cf::SM_KEYS, cf::SM_RECORDS])?;
+    let records_cf = db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
+    let keys_cf = db.cf_handle(cf::SM_KEYS).expect("sm_keys column family");
+    let completed_cf = db.cf_handle(cf::SM_COMPLETED).expect("sm_completed column family");
+    let open_cf = db.cf_handle(cf::SM_OPEN).expect("sm_open column family");
+    let mut batch = WriteBatch::default();
+    let mut count = 0;
+    for line in SnapshotFile::open(&dir.join(name))?.records()? {
+        let line = line?;
+        let record: TxnRecord = decode(&line)?;
+        batch.put_cf(&records_cf, record.txid.as_str(), &line);
+        if let Decision::Commit { idempotency_key: Some(k), .. } = &record.decision {
+            batch.put_cf(&keys_cf, k.as_bytes(), record.txid.as_str().as_bytes());
+        }
+        match record.completed_unix_ms {
+            Some(at) => batch.put_cf(&completed_cf, completed_key(at, &record.txid), completed_value(&record.decision)),
+            None => batch.put_cf(&open_cf, record.txid.as_str(), open_value(&record.decision)),
+        }
+        count += 1;
+        if batch.len() >= INSTALL_BATCH_WRITES {
+            db.write(std::mem::take(&mut batch)).map_err(io::Error::other)?;
+        }
+    }
+    let meta_cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
+    batch.put_cf(&meta_cf, KEY_LAST_APPLIED, encode(&meta.last_log_id)?);
+    batch.put_cf(&meta_cf, KEY_MEMBERSHIP, encode(&meta.last_membership)?);
+    batch.put_cf(&open_cf, OPEN_INDEXED, []);
+    write_synced(db, batch)?;
+    // The installed state is the new current snapshot; the file goes.
+    let checkpoint = snapshot::create_checkpoint(db, dir)?;
+    make_current(db, dir, meta, &checkpoint, WriteBatch::default())?;
+    Ok(count)
+}
+
+/// Empties column families `names`, a write batch at a time.
+fn clear(db: &DB, names: &[&str]) -> io::Result<()> {
+    for name in names {
         let cf = db.cf_handle(name).expect("state machine column family");
         let mut batch = WriteBatch::default();
         for item in db.iterator_cf(&cf, IteratorMode::Start) {
@@ -189,33 +238,31 @@ fn load(db: &DB, dir: &Path, meta: &SnapshotMetaOf<TypeConfig>, name: &str) -> i
         }
         db.write(batch).map_err(io::Error::other)?;
     }
+    Ok(())
+}
+
+/// Fills `sm_open` from the records, for a store an earlier build wrote
+/// (nothing is applied meanwhile: the node is opening). Run again after a
+/// stop part way, it starts over. Returns the number of incomplete records.
+fn index_open(db: &DB) -> io::Result<u64> {
+    clear(db, &[cf::SM_OPEN])?;
     let records_cf = db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
-    let keys_cf = db.cf_handle(cf::SM_KEYS).expect("sm_keys column family");
-    let completed_cf = db.cf_handle(cf::SM_COMPLETED).expect("sm_completed column family");
+    let open_cf = db.cf_handle(cf::SM_OPEN).expect("sm_open column family");
     let mut batch = WriteBatch::default();
     let mut count = 0;
-    for line in SnapshotFile::open(&dir.join(name))?.records()? {
-        let line = line?;
-        let record: TxnRecord = decode(&line)?;
-        batch.put_cf(&records_cf, record.txid.as_str(), &line);
-        if let Decision::Commit { idempotency_key: Some(k), .. } = &record.decision {
-            batch.put_cf(&keys_cf, k.as_bytes(), record.txid.as_str().as_bytes());
-        }
-        if let Some(at) = record.completed_unix_ms {
-            batch.put_cf(&completed_cf, completed_key(at, &record.txid), completed_value(&record.decision));
-        }
-        count += 1;
-        if batch.len() >= INSTALL_BATCH_WRITES {
-            db.write(std::mem::take(&mut batch)).map_err(io::Error::other)?;
+    for item in db.iterator_cf(&records_cf, IteratorMode::Start) {
+        let (key, value) = item.map_err(io::Error::other)?;
+        let record: TxnRecord = decode(&value)?;
+        if record.completed_unix_ms.is_none() {
+            batch.put_cf(&open_cf, key, open_value(&record.decision));
+            count += 1;
+            if batch.len() >= INSTALL_BATCH_WRITES {
+                db.write(std::mem::take(&mut batch)).map_err(io::Error::other)?;
+            }
         }
     }
-    let meta_cf = db.cf_handle(cf::SM_META).expect("sm_meta column family");
-    batch.put_cf(&meta_cf, KEY_LAST_APPLIED, encode(&meta.last_log_id)?);
-    batch.put_cf(&meta_cf, KEY_MEMBERSHIP, encode(&meta.last_membership)?);
+    batch.put_cf(&open_cf, OPEN_INDEXED, []);
     write_synced(db, batch)?;
-    // The installed state is the new current snapshot; the file goes.
-    let checkpoint = snapshot::create_checkpoint(db, dir)?;
-    make_current(db, dir, meta, &checkpoint, WriteBatch::default())?;
     Ok(count)
 }
 
@@ -264,7 +311,8 @@ pub fn check_received(path: &Path) -> io::Result<u64> {
 impl StateMachine {
     /// The state machine in `db`, its snapshots in `data_dir`. Finishes a
     /// snapshot install a stop interrupted, replaces a snapshot an earlier
-    /// build kept in RocksDB (or as a file) with a checkpoint, and removes
+    /// build kept in RocksDB (or as a file) with a checkpoint, indexes the
+    /// incomplete records of a store an earlier build wrote, and removes
     /// leftovers.
     pub(crate) fn open(db: Arc<DB>, data_dir: &Path) -> Result<Self> {
         let dir = snapshot::dir(data_dir)?;
@@ -285,6 +333,18 @@ impl StateMachine {
             if earlier {
                 let meta = checkpoint_now(&db, &dir)?;
                 tracing::info!(last_log_id = ?meta.last_log_id, "replaced an earlier build's snapshot with a checkpoint");
+            }
+        }
+        let open_cf = db.cf_handle(cf::SM_OPEN).expect("sm_open column family");
+        if db.get_cf(&open_cf, OPEN_INDEXED)?.is_none() {
+            let records_cf = db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
+            let any = db.iterator_cf(&records_cf, IteratorMode::Start).next().is_some();
+            if any {
+                tracing::info!("indexing the incomplete records of a store an earlier build wrote");
+            }
+            let count = index_open(&db)?;
+            if any {
+                tracing::info!(count, "indexed the incomplete records");
             }
         }
         let current = read_current(&db)?.map(|(_, name)| name);
@@ -340,20 +400,52 @@ impl StateMachine {
     }
 
     /// Lists records ordered by txid, after `after`, at most `limit`, those in
-    /// `state` if given. Scans records in key order, so a filter by state
-    /// reads the records it skips.
+    /// `state` if given. Incomplete records (committed or aborted) are found
+    /// through the `sm_open` index, reading only those; the rest by a scan
+    /// of every record in key order, which reads the records it skips.
     pub async fn list(&self, state: Option<RecordState>, after: Option<TxId>, limit: usize) -> Result<Vec<TxnRecord>> {
         let db = self.db.clone();
         blocking(move || {
-            let cf = db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
             let mode = match &after {
                 Some(a) => IteratorMode::From(a.as_str().as_bytes(), rocksdb::Direction::Forward),
                 None => IteratorMode::Start,
             };
+            let is_after = |key: &[u8]| after.as_ref().is_some_and(|a| a.as_str().as_bytes() == key);
             let mut out = Vec::new();
+            if let Some(wanted) = state.and_then(open_state_value) {
+                // The index and the records read at one point in time.
+                let at = db.snapshot();
+                let open_cf = db.cf_handle(cf::SM_OPEN).expect("sm_open column family");
+                let records_cf = db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
+                for item in at.iterator_cf(&open_cf, mode) {
+                    let (key, value) = item?;
+                    // (The marker's empty value matches no state.)
+                    if is_after(&key) || &*value != wanted {
+                        continue;
+                    }
+                    // Written and removed with its record, so this holds;
+                    // should it not, one stray entry must not stop
+                    // recovery.
+                    let Some(bytes) = at.get_cf(&records_cf, &key)? else {
+                        tracing::warn!(txid = %String::from_utf8_lossy(&key), "sm_open names a txid with no record");
+                        continue;
+                    };
+                    let record: TxnRecord = decode(&bytes)?;
+                    if record.state() != state.expect("a state is given") {
+                        tracing::warn!(txid = %record.txid, "sm_open disagrees with the record");
+                        continue;
+                    }
+                    out.push(record);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+                return Ok(out);
+            }
+            let cf = db.cf_handle(cf::SM_RECORDS).expect("sm_records column family");
             for item in db.iterator_cf(&cf, mode) {
                 let (key, value) = item?;
-                if after.as_ref().is_some_and(|a| a.as_str().as_bytes() == &*key) {
+                if is_after(&key) {
                     continue;
                 }
                 let record: TxnRecord = decode(&value)?;
@@ -533,6 +625,8 @@ impl<'a> Applier<'a> {
             heuristic: Vec::new(),
         };
         self.put_record(&record)?;
+        let cf = self.db.cf_handle(cf::SM_OPEN).expect("sm_open column family");
+        self.batch.put_cf(&cf, txid.as_str(), open_value(decision));
         Ok(CommandResponse::Decided { won: true, record })
     }
 
@@ -546,6 +640,8 @@ impl<'a> Applier<'a> {
             self.put_record(&record)?;
             let cf = self.db.cf_handle(cf::SM_COMPLETED).expect("sm_completed column family");
             self.batch.put_cf(&cf, completed_key(at, txid), completed_value(&record.decision));
+            let cf = self.db.cf_handle(cf::SM_OPEN).expect("sm_open column family");
+            self.batch.delete_cf(&cf, txid.as_str());
         }
         Ok(CommandResponse::Completed { record })
     }
@@ -637,6 +733,24 @@ fn completed_value(decision: &Decision) -> Vec<u8> {
     match decision {
         Decision::Commit { idempotency_key: Some(k), .. } => [b"k".as_slice(), k.as_bytes()].concat(),
         _ => b"-".to_vec(),
+    }
+}
+
+/// An `sm_open` value: the incomplete record's decision.
+fn open_value(decision: &Decision) -> &'static [u8] {
+    match decision {
+        Decision::Commit { .. } => OPEN_COMMIT,
+        Decision::Abort { .. } => OPEN_ABORT,
+    }
+}
+
+/// The `sm_open` value of records in `state`; `None` for completed ones,
+/// which are not in the index.
+fn open_state_value(state: RecordState) -> Option<&'static [u8]> {
+    match state {
+        RecordState::Committed => Some(OPEN_COMMIT),
+        RecordState::Aborted => Some(OPEN_ABORT),
+        RecordState::Completed => None,
     }
 }
 
@@ -847,6 +961,7 @@ mod tests {
     use futures::stream;
 
     use super::*;
+    use crate::raft::Completion;
     use crate::raft::DecideItem;
     use crate::txn::Branch;
 
@@ -1121,6 +1236,114 @@ mod tests {
         assert_eq!(page2[0].txid.as_str(), "t4");
     }
 
+    /// The `sm_open` index as it stands, txid and value; it must be whole
+    /// (hold its marker).
+    fn open_index(sm: &StateMachine) -> Vec<(String, Vec<u8>)> {
+        let cf = sm.db.cf_handle(cf::SM_OPEN).unwrap();
+        assert_eq!(sm.db.get_cf(&cf, OPEN_INDEXED).unwrap(), Some(Vec::new()), "the index is marked whole");
+        sm.db
+            .iterator_cf(&cf, IteratorMode::Start)
+            .map(|item| {
+                let (k, v) = item.unwrap();
+                (String::from_utf8(k.to_vec()).unwrap(), v.to_vec())
+            })
+            .filter(|(k, _)| !k.is_empty())
+            .collect()
+    }
+
+    /// The txids `list` gives for `state`, in pages of two, and the ones a
+    /// scan of every record finds in that state: they must agree.
+    async fn listed_and_scanned(sm: &StateMachine, state: RecordState) -> (Vec<String>, Vec<String>) {
+        let mut listed = Vec::new();
+        let mut after = None;
+        loop {
+            let page = sm.list(Some(state), after.clone(), 2).await.unwrap();
+            after = page.last().map(|r| r.txid.clone());
+            listed.extend(page.iter().map(|r| r.txid.as_str().to_string()));
+            if page.len() < 2 {
+                break;
+            }
+        }
+        let scanned = sm.list(None, None, usize::MAX).await.unwrap();
+        let scanned = scanned.iter().filter(|r| r.state() == state).map(|r| r.txid.as_str().to_string()).collect();
+        (listed, scanned)
+    }
+
+    #[tokio::test]
+    async fn the_open_index_holds_exactly_the_incomplete_records() {
+        let mut f = Fixture::new();
+        let item = |t: &str, decision: Decision| DecideItem { txid: txid(t), decision, info: TxnInfo::default() };
+        f.one(1, Op::Decide { txid: txid("t1"), decision: commit(Some("k1")), info: TxnInfo::default() }).await;
+        f.one(1, Op::Decide { txid: txid("t2"), decision: abort(), info: TxnInfo::default() }).await;
+        let batch = vec![item("t3", commit(None)), item("t4", abort()), item("t5", commit(None))];
+        f.one(2, Op::DecideBatch { items: batch }).await;
+        // Decided and completed in one batch of entries; a repeated
+        // decision, a refused one (the key is held) and a completion of an
+        // unknown txid change nothing.
+        f.apply(vec![
+            Command::new(3, Op::Decide { txid: txid("t6"), decision: commit(None), info: TxnInfo::default() }),
+            Command::new(3, Op::Complete { txid: txid("t6") }),
+            Command::new(3, Op::Decide { txid: txid("t2"), decision: commit(None), info: TxnInfo::default() }),
+            Command::new(3, Op::Decide { txid: txid("t7"), decision: commit(Some("k1")), info: TxnInfo::default() }),
+            Command::new(3, Op::Complete { txid: txid("t8") }),
+        ])
+        .await;
+        let items = ["t3", "t4"].map(|t| Completion { txid: txid(t), heuristic: Vec::new() }).to_vec();
+        f.one(4, Op::CompleteBatch { items }).await;
+        f.one(5, Op::Complete { txid: txid("t1") }).await;
+        let expected = [("t2", OPEN_ABORT), ("t5", OPEN_COMMIT)].map(|(t, v)| (t.to_string(), v.to_vec()));
+        assert_eq!(open_index(&f.sm), expected);
+        for state in [RecordState::Committed, RecordState::Aborted] {
+            let (listed, scanned) = listed_and_scanned(&f.sm, state).await;
+            assert_eq!(listed, scanned, "{state}");
+        }
+        assert_eq!(listed_and_scanned(&f.sm, RecordState::Committed).await.0, ["t5"]);
+        // Forgetting completed records leaves the index alone.
+        assert_eq!(f.one(9, Op::Forget { before_unix_ms: 9 }).await, CommandResponse::Forgotten { count: 4 });
+        assert_eq!(open_index(&f.sm), expected);
+
+        // `list` by state reads the index, not the records: an incomplete
+        // record out of it is not listed; an entry with no record, or one
+        // that names the wrong decision, is passed over.
+        let cf = f.sm.db.cf_handle(cf::SM_OPEN).unwrap();
+        f.sm.db.delete_cf(&cf, "t5").unwrap();
+        f.sm.db.put_cf(&cf, "t9", OPEN_COMMIT).unwrap();
+        f.sm.db.put_cf(&cf, "t2", OPEN_COMMIT).unwrap();
+        assert!(f.sm.list(Some(RecordState::Committed), None, 10).await.unwrap().is_empty());
+        assert!(f.sm.list(Some(RecordState::Aborted), None, 10).await.unwrap().is_empty());
+        let scanned = f.sm.list(None, None, 10).await.unwrap();
+        assert_eq!(scanned.iter().map(|r| r.txid.as_str()).collect::<Vec<_>>(), ["t2", "t5"]);
+    }
+
+    #[tokio::test]
+    async fn a_store_an_earlier_build_wrote_is_indexed_on_open() {
+        let mut f = Fixture::new();
+        for i in 0..25 {
+            let decision = if i % 3 == 0 { abort() } else { commit(None) };
+            f.one(1, Op::Decide { txid: txid(&format!("t{i:02}")), decision, info: TxnInfo::default() }).await;
+            if i % 4 == 0 {
+                f.one(2, Op::Complete { txid: txid(&format!("t{i:02}")) }).await;
+            }
+        }
+        let expected = open_index(&f.sm);
+        assert_eq!(expected.len(), 18);
+        // As an earlier build left it: no index, no marker; and an index
+        // entry left over from an open cut short.
+        let open_cf = f.sm.db.cf_handle(cf::SM_OPEN).unwrap();
+        for (k, _) in &expected {
+            f.sm.db.delete_cf(&open_cf, k).unwrap();
+        }
+        f.sm.db.put_cf(&open_cf, "t00", OPEN_ABORT).unwrap();
+        f.sm.db.delete_cf(&open_cf, OPEN_INDEXED).unwrap();
+        let f = f.reopen();
+        // (open_index checks the marker is back.)
+        assert_eq!(open_index(&f.sm), expected);
+        for state in [RecordState::Committed, RecordState::Aborted] {
+            let (listed, scanned) = listed_and_scanned(&f.sm, state).await;
+            assert_eq!(listed, scanned, "{state}");
+        }
+    }
+
     #[tokio::test]
     async fn unknown_command_version_stops_apply() {
         let mut f = Fixture::new();
@@ -1135,12 +1358,17 @@ mod tests {
         let mut f = Fixture::new();
         f.one(1, Op::Decide { txid: txid("t1"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
         f.one(2, Op::Complete { txid: txid("t1") }).await;
+        f.one(3, Op::Decide { txid: txid("t5"), decision: abort(), info: TxnInfo::default() }).await;
         let snap = f.sm.build_snapshot().await.unwrap();
 
         let mut g = Fixture::new();
+        // Incomplete before the install, and not in the snapshot.
+        g.one(1, Op::Decide { txid: txid("t0"), decision: commit(None), info: TxnInfo::default() }).await;
         g.sm.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
         assert_eq!(g.sm.get(txid("t1")).await.unwrap(), f.sm.get(txid("t1")).await.unwrap());
-        g.index = 2;
+        assert_eq!(open_index(&g.sm), open_index(&f.sm));
+        assert_eq!(open_index(&g.sm), [("t5".to_string(), OPEN_ABORT.to_vec())]);
+        g.index = 3;
         let r = g.one(3, Op::Decide { txid: txid("t2"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
         assert!(matches!(r, CommandResponse::IdempotencyConflict { .. }));
         assert_eq!(g.one(4, Op::Forget { before_unix_ms: 3 }).await, CommandResponse::Forgotten { count: 1 });
