@@ -412,7 +412,7 @@ impl StateMachine {
             };
             let is_after = |key: &[u8]| after.as_ref().is_some_and(|a| a.as_str().as_bytes() == key);
             let mut out = Vec::new();
-            if let Some(wanted) = state.and_then(open_state_value) {
+            if let Some((state, wanted)) = state.and_then(|s| Some((s, open_state_value(s)?))) {
                 // The index and the records read at one point in time.
                 let at = db.snapshot();
                 let open_cf = db.cf_handle(cf::SM_OPEN).expect("sm_open column family");
@@ -431,7 +431,7 @@ impl StateMachine {
                         continue;
                     };
                     let record: TxnRecord = decode(&bytes)?;
-                    if record.state() != state.expect("a state is given") {
+                    if record.state() != state {
                         tracing::warn!(txid = %record.txid, "sm_open disagrees with the record");
                         continue;
                     }
