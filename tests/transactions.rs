@@ -243,3 +243,50 @@ async fn leader_killed_during_transfers_keeps_every_transfer_atomic() {
     assert!(moved >= committed, "acknowledged commits missing: moved {moved} < {committed} committed");
     assert!(moved <= committed + unknown, "moved {moved} > {committed} committed + {unknown} unknown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_completes_what_it_finds_many_records_to_an_entry() {
+    // Rounds only on leadership: the one round below is the whole test.
+    let mut bank = Bank::start_with(3_600_000).await;
+    // COMMITs whose branches are no longer prepared, as if their driver
+    // died between COMMIT PREPARED and COMPLETE.
+    const RECORDS: usize = 1_200;
+    let commit = tandem::txn::Decision::Commit {
+        branches: ["accounts_a", "accounts_b"].map(tandem::txn::Branch::new).to_vec(),
+        idempotency_key: None,
+    };
+    let mut deciders = Vec::new();
+    for w in 0..8 {
+        let (mut log, commit) = (bank.cluster.client(), commit.clone());
+        deciders.push(tokio::spawn(async move {
+            for i in (w..RECORDS).step_by(8) {
+                let txid = tandem::txn::TxId::parse(&format!("left{i}")).unwrap();
+                let (won, _) = log.decide(&txid, &commit).await.unwrap();
+                assert!(won);
+            }
+        }));
+    }
+    for d in deciders {
+        d.await.unwrap();
+    }
+    let open = bank.cluster.client().list_all_records(Some(tandem::txn::RecordState::Committed), false).await;
+    assert_eq!(open.unwrap().len(), RECORDS);
+
+    let leader = bank.cluster.leader().await;
+    bank.cluster.kill(leader);
+    let new_leader = bank.cluster.leader().await;
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let counters = loop {
+        let counters = bank.cluster.status(new_leader).await.map(|s| s.counters).unwrap_or_default();
+        if counters.get("completions").copied().unwrap_or(0) >= RECORDS as u64 {
+            break counters;
+        }
+        assert!(std::time::Instant::now() < deadline, "recovery completed too few: {counters:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let open = bank.cluster.client().list_all_records(Some(tandem::txn::RecordState::Committed), false).await;
+    assert_eq!(open.unwrap().len(), 0);
+    // One entry per COMPLETE_BATCH_MAX (512) records, not one per record.
+    assert_eq!(counters["completions"], RECORDS as u64, "{counters:?}");
+    assert_eq!(counters["completion_entries"], RECORDS.div_ceil(512) as u64, "{counters:?}");
+}

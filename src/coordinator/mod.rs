@@ -69,7 +69,8 @@ pub struct Metrics {
     pub phase2_retries: AtomicU64,
     /// Prepared branches settled by recovery.
     pub reconciled: AtomicU64,
-    /// COMPLETE records written, and the log entries that carried them.
+    /// COMPLETE records written (by drivers and by recovery), and the log
+    /// entries that carried them.
     pub completions: AtomicU64,
     pub completion_entries: AtomicU64,
     /// Where a committed transaction's time goes on the leader, summed in

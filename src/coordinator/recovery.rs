@@ -8,11 +8,13 @@
 //!    with no decision recorded, record ABORT through Raft (presumed abort;
 //!    the compare-and-set then says what really holds), and finish the
 //!    branch the way the decision that holds says.
-//! 3. Re-drive every decided, incomplete COMMIT not in flight here: COMMIT
-//!    PREPARED on each branch it names, then COMPLETE. A branch whose gid
-//!    is gone is checked by the xid the decision recorded: rolled back
-//!    means a heuristic outcome, logged and kept in the record. An
-//!    incomplete ABORT is complete once no branch of it is prepared
+//! 3. Re-drive every incomplete COMMIT decided before the round began and
+//!    not in flight here: COMMIT PREPARED on each branch it names that the
+//!    listing showed still prepared (or whose participant did not answer),
+//!    then COMPLETE, up to [`COMPLETE_BATCH_MAX`] records to an entry. A
+//!    branch whose gid is gone is checked by the xid the decision recorded:
+//!    rolled back means a heuristic outcome, logged and kept in the record.
+//!    An incomplete ABORT is complete once no branch of it is prepared
 //!    anywhere.
 //!
 //! Every action follows a decision that was applied, so a deposed leader
@@ -23,6 +25,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::async_runtime::WatchReceiver;
+
 use super::Coordinator;
 use super::Metrics;
 use super::driver::PARTICIPANT_CALL_TIMEOUT;
@@ -30,14 +34,37 @@ use crate::error::Error;
 use crate::error::Result;
 use crate::participant::Phase2;
 use crate::participant::remote;
+use crate::raft::COMPLETE_BATCH_MAX;
 use crate::raft::CommandResponse;
 use crate::raft::Completion;
 use crate::raft::Op;
+use crate::txn::Branch;
 use crate::txn::Decision;
 use crate::txn::HeuristicBranch;
 use crate::txn::RecordState;
 use crate::txn::TxId;
 use crate::txn::gid::Gid;
+
+/// What a round learnt before it re-drives incomplete records.
+struct Listing<'a> {
+    /// Prepared branches by txid, as the participants listed them.
+    prepared: &'a BTreeMap<TxId, Vec<(String, Gid)>>,
+    /// The participants whose listing answered.
+    answered: &'a BTreeSet<String>,
+    /// Branches this round has already committed.
+    settled: &'a BTreeSet<Gid>,
+}
+
+impl Listing<'_> {
+    /// Whether `gid`, a branch of a decision applied by the barrier, had
+    /// already ended when `participant` was listed: it prepared before its
+    /// decision, so only an end removes it from the listing. Asking would
+    /// only be told it is gone.
+    fn shows_ended(&self, gid: &Gid, participant: &str) -> bool {
+        self.answered.contains(participant)
+            && !self.prepared.get(&gid.txid).is_some_and(|listed| listed.iter().any(|(_, g)| g == gid))
+    }
+}
 
 /// A participant call bounded by [`PARTICIPANT_CALL_TIMEOUT`], so that one
 /// participant that does not answer cannot stall a whole round.
@@ -94,16 +121,21 @@ impl Coordinator {
     pub async fn recover_once(&self) -> Result<()> {
         let node = &self.node;
         node.linearize().await?;
+        // Every decision applied by now was made after its branches had
+        // prepared, so before the listing below begins.
+        let barrier = node.raft.metrics().borrow_watched().last_applied.map_or(0, |l| l.index);
         let cluster_id = node.config.cluster_id.clone();
 
         // Prepared branches, by txid. A participant that cannot be listed
         // leaves the picture incomplete: no ABORT is completed this round.
         let mut prepared: BTreeMap<TxId, Vec<(String, Gid)>> = BTreeMap::new();
+        let mut answered = BTreeSet::new();
         let mut listed_all = true;
         for name in node.participants.names().map(str::to_string).collect::<Vec<_>>() {
             let participant = node.participants.get(&name)?;
             match bounded(participant.prepared_branches(&cluster_id)).await {
                 Ok(gids) => {
+                    answered.insert(name.clone());
                     for gid in gids {
                         prepared.entry(gid.txid.clone()).or_default().push((name.clone(), gid));
                     }
@@ -115,6 +147,8 @@ impl Coordinator {
             }
         }
 
+        // Branches this round committed here, so not asked again below.
+        let mut settled = BTreeSet::new();
         for (txid, branches) in &prepared {
             if self.in_flight(txid) {
                 continue;
@@ -143,6 +177,9 @@ impl Coordinator {
                     Ok(Phase2::GidMissing) => {}
                     Ok(Phase2::Done) => {
                         Metrics::add(&self.metrics.reconciled, 1);
+                        if commit {
+                            settled.insert(gid.clone());
+                        }
                         tracing::info!(
                         %gid, participant = %name,
                         action = if commit { "committed" } else { "rolled back" },
@@ -207,61 +244,36 @@ impl Coordinator {
 
         // Decided, incomplete transactions.
         let still_prepared: BTreeSet<&TxId> = prepared.keys().chain(remote_prepared.iter()).collect();
+        let listing = Listing { prepared: &prepared, answered: &answered, settled: &settled };
         // Records naming participants this node does not know: one line per
         // round, not one per branch.
         let mut unknown_participants = BTreeSet::new();
+        let mut done = Vec::new();
         for state in [RecordState::Committed, RecordState::Aborted] {
             for record in incomplete(node, state).await? {
-                if self.in_flight(&record.txid) {
+                // Decided after the round began: its driver is most likely
+                // still at work, and the listing cannot speak for it.
+                if record.decided_log_index > barrier || self.in_flight(&record.txid) {
                     continue;
                 }
-                let mut heuristic = Vec::new();
-                let done = match &record.decision {
+                let heuristic = match &record.decision {
                     Decision::Commit { branches, .. } => {
-                        let mut all = true;
-                        for (i, b) in branches.iter().enumerate() {
-                            let gid = Gid::new(&cluster_id, &record.txid, i as u32);
-                            let Ok(participant) = self.branch_participant(b) else {
-                                unknown_participants.insert(b.participant.clone());
-                                all = false;
-                                continue;
-                            };
-                            match bounded(participant.commit_prepared(&gid)).await {
-                                Ok(Phase2::Done) => Metrics::add(&self.metrics.reconciled, 1),
-                                // Gone: committed by an earlier round or driver,
-                                // or ended by another hand. The xid tells.
-                                Ok(Phase2::GidMissing) => match b.xid {
-                                    None => {}
-                                    Some(xid) => match bounded(participant.branch_outcome(xid)).await {
-                                        Ok(Some(true)) => {}
-                                        Ok(Some(false)) => {
-                                            Metrics::add(&self.metrics.heuristic, 1);
-                                            tracing::error!(
-                                                txid = %record.txid, %gid, participant = %b.participant, decided = "commit",
-                                                "HEURISTIC OUTCOME: a branch ended against the decision"
-                                            );
-                                            heuristic.push(HeuristicBranch { branch: i as u32, committed: false });
-                                        }
-                                        Ok(None) | Err(_) => all = false,
-                                    },
-                                },
-                                Err(e) => {
-                                    tracing::warn!(%gid, error = %e, "COMMIT PREPARED failed; will retry");
-                                    all = false;
-                                }
-                            }
+                        match self.commit_branches(&record.txid, branches, &listing, &mut unknown_participants).await {
+                            Some(heuristic) => heuristic,
+                            None => continue,
                         }
-                        all
                     }
-                    Decision::Abort { .. } => listed_all && !still_prepared.contains(&record.txid),
+                    Decision::Abort { .. } if listed_all && !still_prepared.contains(&record.txid) => Vec::new(),
+                    Decision::Abort { .. } => continue,
                 };
-                if done {
-                    node.propose(Op::CompleteBatch {
-                        items: vec![Completion { txid: record.txid.clone(), heuristic }],
-                    })
-                    .await?;
+                done.push(Completion { txid: record.txid.clone(), heuristic });
+                if done.len() == COMPLETE_BATCH_MAX {
+                    self.record_completions(std::mem::take(&mut done)).await?;
                 }
             }
+        }
+        if !done.is_empty() {
+            self.record_completions(done).await?;
         }
         if !unknown_participants.is_empty() {
             tracing::error!(
@@ -270,6 +282,71 @@ impl Coordinator {
             );
         }
         Ok(())
+    }
+
+    /// Records `items` complete in one entry.
+    async fn record_completions(&self, items: Vec<Completion>) -> Result<()> {
+        let n = items.len() as u64;
+        self.node.propose(Op::CompleteBatch { items }).await?;
+        Metrics::add(&self.metrics.completions, n);
+        Metrics::add(&self.metrics.completion_entries, 1);
+        Ok(())
+    }
+
+    /// Commits every branch of a decided COMMIT that is still prepared.
+    /// Returns the branches found to have ended against the decision once
+    /// every branch is settled, or `None` while any is not.
+    async fn commit_branches(
+        &self,
+        txid: &TxId,
+        branches: &[Branch],
+        listing: &Listing<'_>,
+        unknown_participants: &mut BTreeSet<String>,
+    ) -> Option<Vec<HeuristicBranch>> {
+        let cluster_id = &self.node.config.cluster_id;
+        let mut heuristic = Vec::new();
+        let mut all = true;
+        for (i, b) in branches.iter().enumerate() {
+            let gid = Gid::new(cluster_id, txid, i as u32);
+            if listing.settled.contains(&gid) {
+                continue;
+            }
+            let Ok(participant) = self.branch_participant(b) else {
+                unknown_participants.insert(b.participant.clone());
+                all = false;
+                continue;
+            };
+            let outcome = if b.remote.is_none() && listing.shows_ended(&gid, &b.participant) {
+                Ok(Phase2::GidMissing)
+            } else {
+                bounded(participant.commit_prepared(&gid)).await
+            };
+            match outcome {
+                Ok(Phase2::Done) => Metrics::add(&self.metrics.reconciled, 1),
+                // Gone: committed by an earlier round or driver, or ended by
+                // another hand. The xid tells.
+                Ok(Phase2::GidMissing) => match b.xid {
+                    None => {}
+                    Some(xid) => match bounded(participant.branch_outcome(xid)).await {
+                        Ok(Some(true)) => {}
+                        Ok(Some(false)) => {
+                            Metrics::add(&self.metrics.heuristic, 1);
+                            tracing::error!(
+                                %txid, %gid, participant = %b.participant, decided = "commit",
+                                "HEURISTIC OUTCOME: a branch ended against the decision"
+                            );
+                            heuristic.push(HeuristicBranch { branch: i as u32, committed: false });
+                        }
+                        Ok(None) | Err(_) => all = false,
+                    },
+                },
+                Err(e) => {
+                    tracing::warn!(%gid, error = %e, "COMMIT PREPARED failed; will retry");
+                    all = false;
+                }
+            }
+        }
+        all.then_some(heuristic)
     }
 
     /// The decision recorded for `txid`, recording ABORT first if there is
