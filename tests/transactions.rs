@@ -244,22 +244,43 @@ async fn leader_killed_during_transfers_keeps_every_transfer_atomic() {
     assert!(moved <= committed + unknown, "moved {moved} > {committed} committed + {unknown} unknown");
 }
 
+/// The counters of node `id` once its `completions` reach `at_least`.
+async fn completions_reach(bank: &Bank, id: u64, at_least: u64) -> std::collections::HashMap<String, u64> {
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let counters = bank.cluster.status(id).await.map(|s| s.counters).unwrap_or_default();
+        if counters.get("completions").copied().unwrap_or(0) >= at_least {
+            return counters;
+        }
+        assert!(std::time::Instant::now() < deadline, "node {id} completed too few: {counters:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+async fn incomplete_commits(bank: &Bank) -> usize {
+    let open = bank.cluster.client().list_all_records(Some(tandem::txn::RecordState::Committed), false).await;
+    open.unwrap().len()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_completes_what_it_finds_many_records_to_an_entry() {
-    // Rounds only on leadership: the one round below is the whole test.
+    use tandem::coordinator::recovery::COMPLETIONS_PER_ROUND;
+    // Rounds only on leadership: each leader below runs exactly one.
     let mut bank = Bank::start_with(3_600_000).await;
     // COMMITs whose branches are no longer prepared, as if their driver
-    // died between COMMIT PREPARED and COMPLETE.
-    const RECORDS: usize = 1_200;
+    // died between COMMIT PREPARED and COMPLETE: more than one round
+    // completes.
+    const LEFT_OVER: usize = 600;
+    let records = COMPLETIONS_PER_ROUND + LEFT_OVER;
     let commit = tandem::txn::Decision::Commit {
         branches: ["accounts_a", "accounts_b"].map(tandem::txn::Branch::new).to_vec(),
         idempotency_key: None,
     };
     let mut deciders = Vec::new();
-    for w in 0..8 {
+    for w in 0..16 {
         let (mut log, commit) = (bank.cluster.client(), commit.clone());
         deciders.push(tokio::spawn(async move {
-            for i in (w..RECORDS).step_by(8) {
+            for i in (w..records).step_by(16) {
                 let txid = tandem::txn::TxId::parse(&format!("left{i}")).unwrap();
                 let (won, _) = log.decide(&txid, &commit).await.unwrap();
                 assert!(won);
@@ -269,24 +290,23 @@ async fn a_new_leader_completes_what_it_finds_many_records_to_an_entry() {
     for d in deciders {
         d.await.unwrap();
     }
-    let open = bank.cluster.client().list_all_records(Some(tandem::txn::RecordState::Committed), false).await;
-    assert_eq!(open.unwrap().len(), RECORDS);
+    assert_eq!(incomplete_commits(&bank).await, records);
 
-    let leader = bank.cluster.leader().await;
-    bank.cluster.kill(leader);
-    let new_leader = bank.cluster.leader().await;
-    let deadline = std::time::Instant::now() + common::WAIT;
-    let counters = loop {
-        let counters = bank.cluster.status(new_leader).await.map(|s| s.counters).unwrap_or_default();
-        if counters.get("completions").copied().unwrap_or(0) >= RECORDS as u64 {
-            break counters;
-        }
-        assert!(std::time::Instant::now() < deadline, "recovery completed too few: {counters:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
-    let open = bank.cluster.client().list_all_records(Some(tandem::txn::RecordState::Committed), false).await;
-    assert_eq!(open.unwrap().len(), 0);
-    // One entry per COMPLETE_BATCH_MAX (512) records, not one per record.
-    assert_eq!(counters["completions"], RECORDS as u64, "{counters:?}");
-    assert_eq!(counters["completion_entries"], RECORDS.div_ceil(512) as u64, "{counters:?}");
+    // The first new leader's round completes its most, 512 to an entry.
+    let first = bank.cluster.leader().await;
+    bank.cluster.kill(first);
+    let second = bank.cluster.leader().await;
+    let counters = completions_reach(&bank, second, COMPLETIONS_PER_ROUND as u64).await;
+    assert_eq!(counters["completions"], COMPLETIONS_PER_ROUND as u64, "{counters:?}");
+    assert_eq!(counters["completion_entries"], COMPLETIONS_PER_ROUND.div_ceil(512) as u64, "{counters:?}");
+    assert_eq!(incomplete_commits(&bank).await, LEFT_OVER);
+
+    // The next round (on the next leader) completes the rest.
+    bank.cluster.start_node(first);
+    bank.cluster.wait_converged(&[1, 2, 3]).await;
+    bank.cluster.kill(second);
+    let third = bank.cluster.leader().await;
+    let counters = completions_reach(&bank, third, LEFT_OVER as u64).await;
+    assert_eq!(counters["completion_entries"], LEFT_OVER.div_ceil(512) as u64, "{counters:?}");
+    assert_eq!(incomplete_commits(&bank).await, 0);
 }

@@ -11,7 +11,8 @@
 //! 3. Re-drive every incomplete COMMIT decided before the round began and
 //!    not in flight here: COMMIT PREPARED on each branch it names that the
 //!    listing showed still prepared (or whose participant did not answer),
-//!    then COMPLETE, up to [`COMPLETE_BATCH_MAX`] records to an entry. A
+//!    then COMPLETE, up to [`COMPLETE_BATCH_MAX`] records to an entry and
+//!    [`COMPLETIONS_PER_ROUND`] to a round. A
 //!    branch whose gid is gone is checked by the xid the decision recorded:
 //!    rolled back means a heuristic outcome, logged and kept in the record.
 //!    An incomplete ABORT is complete once no branch of it is prepared
@@ -74,22 +75,13 @@ async fn bounded<T>(call: impl std::future::Future<Output = Result<T>>) -> Resul
         .unwrap_or_else(|_| Err(Error::Unavailable { message: "no answer in time".into(), leader: None }))
 }
 
-/// Every incomplete record in `state`, page by page: found through the
-/// state machine's index of incomplete records, so a round reads only
-/// those, however many completed records the node holds.
-async fn incomplete(node: &crate::server::Node, state: RecordState) -> Result<Vec<crate::txn::TxnRecord>> {
-    let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = node.state_machine.list(Some(state), after.clone(), 1000).await?;
-        let full = page.len() == 1000;
-        after = page.last().map(|r| r.txid.clone());
-        out.extend(page);
-        if !full {
-            return Ok(out);
-        }
-    }
-}
+/// Incomplete records read at a time.
+const PAGE: usize = 1000;
+/// Most records one round completes. Those it finds complete are pure
+/// bookkeeping (their branches have ended and hold no locks), so a large
+/// backlog is worked off over several rounds rather than in one burst that
+/// would crowd out the transactions running meanwhile.
+pub const COMPLETIONS_PER_ROUND: usize = 8 * COMPLETE_BATCH_MAX;
 
 /// Runs recovery rounds while the node lives: at once when it becomes
 /// leader (what a previous leader left in doubt holds locks that new
@@ -248,27 +240,45 @@ impl Coordinator {
         // Records naming participants this node does not know: one line per
         // round, not one per branch.
         let mut unknown_participants = BTreeSet::new();
-        let mut done = Vec::new();
-        for state in [RecordState::Committed, RecordState::Aborted] {
-            for record in incomplete(node, state).await? {
-                // Decided after the round began: its driver is most likely
-                // still at work, and the listing cannot speak for it.
-                if record.decided_log_index > barrier || self.in_flight(&record.txid) {
-                    continue;
-                }
-                let heuristic = match &record.decision {
-                    Decision::Commit { branches, .. } => {
-                        match self.commit_branches(&record.txid, branches, &listing, &mut unknown_participants).await {
-                            Some(heuristic) => heuristic,
-                            None => continue,
+        let (mut done, mut completed) = (Vec::new(), 0);
+        // Through the index of incomplete records, a page at a time: a round
+        // reads only the records in doubt, and holds one page of them.
+        'states: for state in [RecordState::Committed, RecordState::Aborted] {
+            let mut after = None;
+            loop {
+                let page = node.state_machine.list(Some(state), after.take(), PAGE).await?;
+                let full = page.len() == PAGE;
+                after = page.last().map(|r| r.txid.clone());
+                for record in page {
+                    // Decided after the round began: its driver is most
+                    // likely still at work, and the listing cannot speak
+                    // for it.
+                    if record.decided_log_index > barrier || self.in_flight(&record.txid) {
+                        continue;
+                    }
+                    let heuristic = match &record.decision {
+                        Decision::Commit { branches, .. } => {
+                            let unknown = &mut unknown_participants;
+                            match self.commit_branches(&record.txid, branches, &listing, unknown).await {
+                                Some(heuristic) => heuristic,
+                                None => continue,
+                            }
+                        }
+                        Decision::Abort { .. } if listed_all && !still_prepared.contains(&record.txid) => Vec::new(),
+                        Decision::Abort { .. } => continue,
+                    };
+                    done.push(Completion { txid: record.txid, heuristic });
+                    if done.len() == COMPLETE_BATCH_MAX {
+                        completed += done.len();
+                        self.record_completions(std::mem::take(&mut done)).await?;
+                        if completed == COMPLETIONS_PER_ROUND {
+                            tracing::info!(completed, "recovery completed its most for one round; the rest next round");
+                            break 'states;
                         }
                     }
-                    Decision::Abort { .. } if listed_all && !still_prepared.contains(&record.txid) => Vec::new(),
-                    Decision::Abort { .. } => continue,
-                };
-                done.push(Completion { txid: record.txid.clone(), heuristic });
-                if done.len() == COMPLETE_BATCH_MAX {
-                    self.record_completions(std::mem::take(&mut done)).await?;
+                }
+                if !full {
+                    break;
                 }
             }
         }
