@@ -265,24 +265,44 @@ async fn incomplete_commits(bank: &Bank) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_completes_what_it_finds_many_records_to_an_entry() {
     use tandem::coordinator::recovery::COMPLETIONS_PER_ROUND;
-    // Rounds only on leadership: each leader below runs exactly one.
+    use tandem::txn::Branch;
+    use tandem::txn::Decision;
+    use tandem::txn::TxId;
+    // Rounds only on leadership: each leader below runs exactly one, and the
+    // first one's is over before anything is decided.
     let mut bank = Bank::start_with(3_600_000).await;
-    // COMMITs whose branches are no longer prepared, as if their driver
-    // died between COMMIT PREPARED and COMPLETE: more than one round
-    // completes.
-    const LEFT_OVER: usize = 600;
-    let records = COMPLETIONS_PER_ROUND + LEFT_OVER;
-    let commit = tandem::txn::Decision::Commit {
-        branches: ["accounts_a", "accounts_b"].map(tandem::txn::Branch::new).to_vec(),
+    let first = bank.cluster.leader().await;
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while bank.cluster.status(first).await.map_or(0, |s| s.counters["recovery_rounds"]) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the first leader's recovery round never ended");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let commit = |names: &[&str]| Decision::Commit {
+        branches: names.iter().map(|n| Branch::new(*n)).collect(),
         idempotency_key: None,
     };
+    let mut log = bank.cluster.client();
+    // First in txid order, never complete: a participant no node has. It
+    // does not count against a round's budget.
+    log.decide(&TxId::parse("aaanowhere").unwrap(), &commit(&["nowhere"])).await.unwrap();
+    // A branch still prepared: committed by the round, then completed.
+    let a = bank.a.client("accounts").await;
+    a.batch_execute(
+        "BEGIN; UPDATE balances SET balance = balance - 5 WHERE id = 3; PREPARE TRANSACTION 'tdm_test_held1_0'",
+    )
+    .await
+    .unwrap();
+    log.decide(&TxId::parse("held1").unwrap(), &commit(&["accounts_a"])).await.unwrap();
+    // COMMITs whose branches are no longer prepared, as if their driver
+    // died between COMMIT PREPARED and COMPLETE: more than one round's worth.
+    const LEFT_OVER: usize = 600;
+    let records = COMPLETIONS_PER_ROUND - 1 + LEFT_OVER;
     let mut deciders = Vec::new();
     for w in 0..16 {
-        let (mut log, commit) = (bank.cluster.client(), commit.clone());
+        let (mut log, commit) = (bank.cluster.client(), commit(&["accounts_a", "accounts_b"]));
         deciders.push(tokio::spawn(async move {
             for i in (w..records).step_by(16) {
-                let txid = tandem::txn::TxId::parse(&format!("left{i}")).unwrap();
-                let (won, _) = log.decide(&txid, &commit).await.unwrap();
+                let (won, _) = log.decide(&TxId::parse(&format!("left{i}")).unwrap(), &commit).await.unwrap();
                 assert!(won);
             }
         }));
@@ -290,23 +310,29 @@ async fn a_new_leader_completes_what_it_finds_many_records_to_an_entry() {
     for d in deciders {
         d.await.unwrap();
     }
-    assert_eq!(incomplete_commits(&bank).await, records);
+    assert_eq!(incomplete_commits(&bank).await, records + 2);
 
-    // The first new leader's round completes its most, 512 to an entry.
-    let first = bank.cluster.leader().await;
+    // The next leader's round completes its most, 512 to an entry: held1
+    // and the first records left.
     bank.cluster.kill(first);
     let second = bank.cluster.leader().await;
     let counters = completions_reach(&bank, second, COMPLETIONS_PER_ROUND as u64).await;
     assert_eq!(counters["completions"], COMPLETIONS_PER_ROUND as u64, "{counters:?}");
     assert_eq!(counters["completion_entries"], COMPLETIONS_PER_ROUND.div_ceil(512) as u64, "{counters:?}");
-    assert_eq!(incomplete_commits(&bank).await, LEFT_OVER);
+    assert_eq!(incomplete_commits(&bank).await, LEFT_OVER + 1);
+    let balance: i64 = a.query_one("SELECT balance FROM balances WHERE id = 3", &[]).await.unwrap().get(0);
+    assert_eq!(balance, OPENING - 5, "the prepared branch was committed");
+    assert_eq!(Bank::prepared(&bank.a).await, 0);
 
-    // The next round (on the next leader) completes the rest.
+    // The next round (on the next leader) completes the rest but the one
+    // it cannot.
     bank.cluster.start_node(first);
     bank.cluster.wait_converged(&[1, 2, 3]).await;
     bank.cluster.kill(second);
     let third = bank.cluster.leader().await;
     let counters = completions_reach(&bank, third, LEFT_OVER as u64).await;
     assert_eq!(counters["completion_entries"], LEFT_OVER.div_ceil(512) as u64, "{counters:?}");
-    assert_eq!(incomplete_commits(&bank).await, 0);
+    let open = bank.cluster.client().list_all_records(Some(tandem::txn::RecordState::Committed), false).await;
+    let open: Vec<String> = open.unwrap().into_iter().map(|r| r.txid.to_string()).collect();
+    assert_eq!(open, ["aaanowhere"]);
 }

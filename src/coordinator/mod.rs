@@ -69,8 +69,11 @@ pub struct Metrics {
     pub phase2_retries: AtomicU64,
     /// Prepared branches settled by recovery.
     pub reconciled: AtomicU64,
-    /// COMPLETE records written (by drivers and by recovery), and the log
-    /// entries that carried them.
+    /// Recovery rounds run to the end.
+    pub recovery_rounds: AtomicU64,
+    /// COMPLETE records proposed (by drivers and by recovery), and the log
+    /// entries that carried them. A record recovery completes while its
+    /// driver's completion is still queued counts twice.
     pub completions: AtomicU64,
     pub completion_entries: AtomicU64,
     /// Where a committed transaction's time goes on the leader, summed in
@@ -101,6 +104,7 @@ impl Metrics {
             ("open_transactions_rolled_back", get(&self.rolled_back_open)),
             ("phase2_retries", get(&self.phase2_retries)),
             ("branches_reconciled", get(&self.reconciled)),
+            ("recovery_rounds", get(&self.recovery_rounds)),
             ("completions", get(&self.completions)),
             ("completion_entries", get(&self.completion_entries)),
             ("timed_commits", get(&self.timed_commits)),

@@ -8,15 +8,19 @@
 //!    with no decision recorded, record ABORT through Raft (presumed abort;
 //!    the compare-and-set then says what really holds), and finish the
 //!    branch the way the decision that holds says.
-//! 3. Re-drive every incomplete COMMIT decided before the round began and
-//!    not in flight here: COMMIT PREPARED on each branch it names that the
-//!    listing showed still prepared (or whose participant did not answer),
-//!    then COMPLETE, up to [`COMPLETE_BATCH_MAX`] records to an entry and
-//!    [`COMPLETIONS_PER_ROUND`] to a round. A
-//!    branch whose gid is gone is checked by the xid the decision recorded:
-//!    rolled back means a heuristic outcome, logged and kept in the record.
-//!    An incomplete ABORT is complete once no branch of it is prepared
-//!    anywhere.
+//! 3. Re-drive the incomplete records decided before the listing began (the
+//!    last entry applied after step 1) and not in flight here. A COMMIT:
+//!    COMMIT PREPARED on each branch it names, except a PostgreSQL branch
+//!    its participant's listing answered without (it had ended: a branch
+//!    prepares before its decision, and a gid is used once) or that step 2
+//!    just committed; a branch whose gid is gone is checked by the xid the
+//!    decision recorded: rolled back means a heuristic outcome, logged and
+//!    kept in the record. An ABORT is complete once no branch of it is
+//!    prepared anywhere. The records found complete are recorded up to
+//!    [`COMPLETE_BATCH_MAX`] to an entry and at most
+//!    [`COMPLETIONS_PER_ROUND`] of each decision to a round; the records
+//!    past that wait for the next round (step 2 still settles, every round,
+//!    every prepared branch a listing shows).
 //!
 //! Every action follows a decision that was applied, so a deposed leader
 //! that is still driving the same transaction cannot make it go both ways.
@@ -77,10 +81,10 @@ async fn bounded<T>(call: impl std::future::Future<Output = Result<T>>) -> Resul
 
 /// Incomplete records read at a time.
 const PAGE: usize = 1000;
-/// Most records one round completes. Those it finds complete are pure
-/// bookkeeping (their branches have ended and hold no locks), so a large
-/// backlog is worked off over several rounds rather than in one burst that
-/// would crowd out the transactions running meanwhile.
+/// Most records of each decision one round completes. A large backlog
+/// (after a long outage, or from a client of the decision log that never
+/// completes) is worked off over several rounds rather than in one burst
+/// that would crowd out the transactions running meanwhile.
 pub const COMPLETIONS_PER_ROUND: usize = 8 * COMPLETE_BATCH_MAX;
 
 /// Runs recovery rounds while the node lives: at once when it becomes
@@ -240,17 +244,19 @@ impl Coordinator {
         // Records naming participants this node does not know: one line per
         // round, not one per branch.
         let mut unknown_participants = BTreeSet::new();
-        let (mut done, mut completed) = (Vec::new(), 0);
         // Through the index of incomplete records, a page at a time: a round
-        // reads only the records in doubt, and holds one page of them.
-        'states: for state in [RecordState::Committed, RecordState::Aborted] {
+        // reads only the records in doubt, and holds one page of them. Each
+        // state has its own budget, so a backlog of one kind does not hold
+        // up the other.
+        for state in [RecordState::Committed, RecordState::Aborted] {
+            let (mut done, mut completed) = (Vec::new(), 0);
             let mut after = None;
-            loop {
+            'pages: loop {
                 let page = node.state_machine.list(Some(state), after.take(), PAGE).await?;
                 let full = page.len() == PAGE;
                 after = page.last().map(|r| r.txid.clone());
                 for record in page {
-                    // Decided after the round began: its driver is most
+                    // Decided after the listing began: its driver is most
                     // likely still at work, and the listing cannot speak
                     // for it.
                     if record.decided_log_index > barrier || self.in_flight(&record.txid) {
@@ -268,12 +274,12 @@ impl Coordinator {
                         Decision::Abort { .. } => continue,
                     };
                     done.push(Completion { txid: record.txid, heuristic });
-                    if done.len() == COMPLETE_BATCH_MAX {
+                    if done.len() >= COMPLETE_BATCH_MAX {
                         completed += done.len();
                         self.record_completions(std::mem::take(&mut done)).await?;
-                        if completed == COMPLETIONS_PER_ROUND {
-                            tracing::info!(completed, "recovery completed its most for one round; the rest next round");
-                            break 'states;
+                        if completed >= COMPLETIONS_PER_ROUND {
+                            tracing::info!(%state, completed, "recovery completed its most for one round; the rest next round");
+                            break 'pages;
                         }
                     }
                 }
@@ -281,9 +287,9 @@ impl Coordinator {
                     break;
                 }
             }
-        }
-        if !done.is_empty() {
-            self.record_completions(done).await?;
+            if !done.is_empty() {
+                self.record_completions(done).await?;
+            }
         }
         if !unknown_participants.is_empty() {
             tracing::error!(
@@ -291,6 +297,7 @@ impl Coordinator {
                 "committed transactions name participants this node does not have; they stay incomplete"
             );
         }
+        Metrics::add(&self.metrics.recovery_rounds, 1);
         Ok(())
     }
 
