@@ -369,16 +369,18 @@ fn main() -> ExitCode {
 }
 
 /// Rust's allocations go to mimalloc: in `tandem bench` it gave 6 to 19%
-/// more throughput than glibc's allocator (README, Benchmark), for 20 to 30
-/// MB more resident memory per node.
+/// more throughput than glibc's allocator (README, Benchmark), for about
+/// 20 to 34 MB more resident memory per node.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// RocksDB's C++ still allocates through glibc. glibc gives each thread that allocates under contention an arena of its
-/// own, up to eight per core, and returns little of a freed arena to the
-/// system: a node that builds multi-megabyte snapshots on many threads
-/// then holds about twice the memory it uses. Two arenas keep the resident
-/// size near what is in use. Called before any thread starts.
+/// RocksDB's C++ still allocates through glibc, which gives each thread
+/// that allocates under contention an arena of its own, up to eight per
+/// core, and returns little of a freed arena to the system (when every
+/// allocation went through glibc, a node that built multi-megabyte
+/// snapshots on many threads held about twice the memory it used). Two
+/// arenas keep the resident size near what is in use. Called before any
+/// thread starts.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator parameter; no other thread
