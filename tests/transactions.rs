@@ -244,15 +244,15 @@ async fn leader_killed_during_transfers_keeps_every_transfer_atomic() {
     assert!(moved <= committed + unknown, "moved {moved} > {committed} committed + {unknown} unknown");
 }
 
-/// The counters of node `id` once its `completions` reach `at_least`.
-async fn completions_reach(bank: &Bank, id: u64, at_least: u64) -> std::collections::HashMap<String, u64> {
+/// The counters of node `id` once its counter `name` reaches `at_least`.
+async fn counter_reaches(bank: &Bank, id: u64, name: &str, at_least: u64) -> std::collections::HashMap<String, u64> {
     let deadline = std::time::Instant::now() + common::WAIT;
     loop {
         let counters = bank.cluster.status(id).await.map(|s| s.counters).unwrap_or_default();
-        if counters.get("completions").copied().unwrap_or(0) >= at_least {
+        if counters.get(name).copied().unwrap_or(0) >= at_least {
             return counters;
         }
-        assert!(std::time::Instant::now() < deadline, "node {id} completed too few: {counters:?}");
+        assert!(std::time::Instant::now() < deadline, "node {id}'s {name} stayed under {at_least}: {counters:?}");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
@@ -272,11 +272,7 @@ async fn a_new_leader_completes_what_it_finds_many_records_to_an_entry() {
     // first one's is over before anything is decided.
     let mut bank = Bank::start_with(3_600_000).await;
     let first = bank.cluster.leader().await;
-    let deadline = std::time::Instant::now() + common::WAIT;
-    while bank.cluster.status(first).await.map_or(0, |s| s.counters["recovery_rounds"]) == 0 {
-        assert!(std::time::Instant::now() < deadline, "the first leader's recovery round never ended");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    counter_reaches(&bank, first, "recovery_rounds", 1).await;
     let commit = |names: &[&str]| Decision::Commit {
         branches: names.iter().map(|n| Branch::new(*n)).collect(),
         idempotency_key: None,
@@ -316,7 +312,7 @@ async fn a_new_leader_completes_what_it_finds_many_records_to_an_entry() {
     // and the first records left.
     bank.cluster.kill(first);
     let second = bank.cluster.leader().await;
-    let counters = completions_reach(&bank, second, COMPLETIONS_PER_ROUND as u64).await;
+    let counters = counter_reaches(&bank, second, "completions", COMPLETIONS_PER_ROUND as u64).await;
     assert_eq!(counters["completions"], COMPLETIONS_PER_ROUND as u64, "{counters:?}");
     assert_eq!(counters["completion_entries"], COMPLETIONS_PER_ROUND.div_ceil(512) as u64, "{counters:?}");
     assert_eq!(incomplete_commits(&bank).await, LEFT_OVER + 1);
@@ -330,7 +326,7 @@ async fn a_new_leader_completes_what_it_finds_many_records_to_an_entry() {
     bank.cluster.wait_converged(&[1, 2, 3]).await;
     bank.cluster.kill(second);
     let third = bank.cluster.leader().await;
-    let counters = completions_reach(&bank, third, LEFT_OVER as u64).await;
+    let counters = counter_reaches(&bank, third, "completions", LEFT_OVER as u64).await;
     assert_eq!(counters["completion_entries"], LEFT_OVER.div_ceil(512) as u64, "{counters:?}");
     let open = bank.cluster.client().list_all_records(Some(tandem::txn::RecordState::Committed), false).await;
     let open: Vec<String> = open.unwrap().into_iter().map(|r| r.txid.to_string()).collect();
