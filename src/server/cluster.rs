@@ -33,12 +33,13 @@ impl ClusterService {
     /// The coordinator's counters, the Raft log's (entries and appends
     /// written, and the fsyncs that made them durable: group commit shows
     /// as many entries per fsync), the decision batcher's (decisions per
-    /// entry) and RocksDB's memory.
+    /// entry), RocksDB's memory and the CPU time the process has used.
     fn counters(&self) -> std::collections::HashMap<String, u64> {
         let log = self.node.log_stats.snapshot();
         let decisions = self.node.decisions.stats().snapshot();
         let memory = self.node.state_machine.memory();
-        let all = self.coordinator.metrics.snapshot().into_iter().chain(log).chain(decisions).chain(memory);
+        let cpu = [("process_cpu_us", super::process_cpu_us())];
+        let all = self.coordinator.metrics.snapshot().into_iter().chain(log).chain(decisions).chain(memory).chain(cpu);
         all.map(|(k, v)| (k.to_string(), v)).collect()
     }
 

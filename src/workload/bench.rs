@@ -131,6 +131,23 @@ pub struct BenchResult {
     /// log, over the three nodes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fsync_ms: Option<f64>,
+    /// Where the machine's CPU went, per transfer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuPerTransfer>,
+}
+
+/// The CPU time used during a point, per transfer (or decision), in
+/// microseconds: by the leader, by the followers together, by the
+/// benchmark client, and by everything else the machine ran (the two
+/// PostgreSQL servers above all); and how busy the machine's cores were.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct CpuPerTransfer {
+    pub leader_us: f64,
+    pub followers_us: f64,
+    pub client_us: f64,
+    pub rest_us: f64,
+    /// The share of all cores busy over the point, 0 to 1.
+    pub machine_busy: f64,
 }
 
 /// Where a committed transaction's time went on the leader, in mean
@@ -161,16 +178,52 @@ const COUNTERS: [&str; 9] = [
     "log_fsync_us_total",
 ];
 
-async fn read_counters(nodes: &[String]) -> [u64; 9] {
-    let mut sum = [0; 9];
+/// One reading of the counters and of the CPU time used so far.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Reading {
+    /// [`COUNTERS`], each summed over the nodes that answered.
+    counters: [u64; 9],
+    /// Each node that answered: its id, whether it was the leader, the CPU
+    /// time its process has used (`process_cpu_us`).
+    nodes: Vec<(u64, bool, u64)>,
+    /// The CPU time this process (the benchmark client) has used.
+    client_cpu_us: u64,
+    /// The machine's CPU time, busy and in all (busy and idle), over all
+    /// cores, if `/proc/stat` says.
+    machine_cpu_us: Option<(u64, u64)>,
+}
+
+async fn read_counters(nodes: &[String]) -> Reading {
+    let mut reading = Reading::default();
     for addr in nodes {
         let Ok(mut client) = Client::pinned(addr) else { continue };
         let Ok(status) = client.status().await else { continue };
-        for (total, name) in sum.iter_mut().zip(COUNTERS) {
+        for (total, name) in reading.counters.iter_mut().zip(COUNTERS) {
             *total += status.counters.get(name).copied().unwrap_or(0);
         }
+        let cpu = status.counters.get("process_cpu_us").copied().unwrap_or(0);
+        reading.nodes.push((status.id, status.role == pb::Role::Leader as i32, cpu));
     }
-    sum
+    reading.client_cpu_us = crate::server::process_cpu_us();
+    reading.machine_cpu_us = std::fs::read_to_string("/proc/stat").ok().and_then(|s| machine_cpu_us(&s));
+    reading
+}
+
+/// The machine's busy and total CPU time in microseconds, from the `cpu`
+/// line of `/proc/stat` (user nice system idle iowait irq softirq steal,
+/// in clock ticks; idle and iowait are not busy).
+fn machine_cpu_us(proc_stat: &str) -> Option<(u64, u64)> {
+    let line = proc_stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|t| t.parse().ok()).collect::<Option<_>>()?;
+    if ticks.len() < 5 {
+        return None;
+    }
+    // SAFETY: sysconf reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_tick = 1_000_000 / u64::try_from(hz).ok().filter(|&h| h > 0)?;
+    let total: u64 = ticks.iter().sum();
+    let busy = total - ticks[3] - ticks[4];
+    Some((busy * per_tick, total * per_tick))
 }
 
 /// What the counters show between two readings of [`read_counters`].
@@ -184,10 +237,15 @@ struct Counted {
     decisions_per_entry: Option<f64>,
     /// The mean time of one fsync of the log, all nodes.
     fsync_ms: Option<f64>,
+    /// CPU per transfer.
+    cpu: Option<CpuPerTransfer>,
 }
 
-fn between(before: [u64; 9], after: [u64; 9]) -> Counted {
-    let d: Vec<f64> = before.iter().zip(after).map(|(b, a)| a.saturating_sub(*b) as f64).collect();
+/// What happened between two readings in which `transfers` were done.
+/// A node's CPU time counts for the role it had in the second reading; a
+/// node missing from either reading counts in the rest.
+fn between(before: &Reading, after: &Reading, transfers: u64) -> Counted {
+    let d: Vec<f64> = before.counters.iter().zip(after.counters).map(|(b, a)| a.saturating_sub(*b) as f64).collect();
     let split = (d[0] > 0.0).then(|| Split {
         prepare_ms: d[1] / d[0] / 1000.0,
         decide_ms: d[2] / d[0] / 1000.0,
@@ -198,7 +256,31 @@ fn between(before: [u64; 9], after: [u64; 9]) -> Counted {
         entries_per_fsync: (d[5] > 0.0).then(|| d[4] / d[5]),
         decisions_per_entry: (d[7] > 0.0).then(|| d[6] / d[7]),
         fsync_ms: (d[5] > 0.0).then(|| d[8] / d[5] / 1000.0),
+        cpu: cpu_between(before, after, transfers),
     }
+}
+
+fn cpu_between(before: &Reading, after: &Reading, transfers: u64) -> Option<CpuPerTransfer> {
+    let ((busy0, total0), (busy1, total1)) = (before.machine_cpu_us?, after.machine_cpu_us?);
+    if transfers == 0 || total1 <= total0 {
+        return None;
+    }
+    let (mut leader, mut followers) = (0u64, 0u64);
+    for &(id, is_leader, cpu) in &after.nodes {
+        let Some(&(_, _, earlier)) = before.nodes.iter().find(|n| n.0 == id) else { continue };
+        let used = cpu.saturating_sub(earlier);
+        if is_leader { leader += used } else { followers += used }
+    }
+    let client = after.client_cpu_us.saturating_sub(before.client_cpu_us);
+    let busy = busy1.saturating_sub(busy0);
+    let per = |us: u64| us as f64 / transfers as f64;
+    Some(CpuPerTransfer {
+        leader_us: per(leader),
+        followers_us: per(followers),
+        client_us: per(client),
+        rest_us: per(busy.saturating_sub(leader + followers + client)),
+        machine_busy: busy as f64 / (total1 - total0) as f64,
+    })
 }
 
 /// The stretch of a long run whose throughput is compared, early and late.
@@ -280,6 +362,18 @@ pub async fn run(cfg: &BenchConfig) -> Result<Vec<BenchResult>> {
             if let Some(n) = r.decisions_per_entry {
                 eprintln!("{:<15} decisions per Raft entry: {n:.1}", "");
             }
+            if let Some(c) = r.cpu {
+                eprintln!(
+                    "{:<15} CPU per transfer: leader {:.0} us, followers {:.0} us, client {:.0} us, the rest \
+                     (PostgreSQL, ...) {:.0} us; cores {:.0}% busy",
+                    "",
+                    c.leader_us,
+                    c.followers_us,
+                    c.client_us,
+                    c.rest_us,
+                    100.0 * c.machine_busy
+                );
+            }
             if let (Some(first), Some(last)) = (r.first_window_per_s, r.last_window_per_s) {
                 eprintln!(
                     "{:<15} first {WINDOW} transfers {first:.1}/s, last {WINDOW} {last:.1}/s ({:+.1}%)",
@@ -298,20 +392,27 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
     let done = Arc::new(AtomicU64::new(0));
     let limit = cfg.transactions.unwrap_or(u64::MAX);
     let through_cluster = matches!(mode, Mode::Tandem | Mode::DecisionsOnly);
-    let counters_before = if through_cluster { Some(read_counters(&cfg.nodes).await) } else { None };
-    let mut workers = Vec::with_capacity(concurrency);
+    // Every worker connects first; then all start, with the clock.
+    // (Opening hundreds of database connections takes seconds: workers
+    // that started as soon as they connected would count transfers done
+    // before the clock started.)
+    let mut connected = Vec::with_capacity(concurrency);
     let mut shared: Option<Client> = None;
     for w in 0..concurrency {
         if w % cfg.clients_per_connection.max(1) == 0 {
             shared = Some(Client::new(&cfg.nodes)?);
         }
         let client = shared.as_ref().map(Client::share).expect("made at the first worker");
-        let worker = Worker::connect(cfg, mode, w, client).await?;
+        connected.push(Worker::connect(cfg, mode, w, client).await?);
+    }
+    let before = read_counters(&cfg.nodes).await;
+    let started = Instant::now();
+    let mut workers = Vec::with_capacity(concurrency);
+    for (w, mut worker) in connected.into_iter().enumerate() {
         let (stop, done) = (stop.clone(), done.clone());
         let mut rng = Rng::new(cfg.seed ^ ((w as u64 + 1) << 32) ^ mode as u64);
         let accounts = cfg.accounts;
         workers.push(tokio::spawn(async move {
-            let mut worker = worker;
             let mut latencies_us = Vec::new();
             let mut failed = 0u64;
             let mut n = 0u64;
@@ -338,7 +439,6 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
             (latencies_us, failed)
         }));
     }
-    let started = Instant::now();
     // Samples of (seconds, done) every 200 ms; progress every second.
     let progress = {
         let (done, stop) = (done.clone(), stop.clone());
@@ -373,13 +473,14 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         failed += f;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let after = read_counters(&cfg.nodes).await;
     let mut samples = progress.await.map_err(|e| Error::Internal(format!("the bench progress task failed: {e}")))?;
     samples.push((elapsed, latencies.len() as u64));
     let (first_window_per_s, last_window_per_s) = windows(&samples, latencies.len() as u64);
-    let Counted { split, entries_per_fsync, decisions_per_entry, fsync_ms } = match counters_before {
-        Some(before) => between(before, read_counters(&cfg.nodes).await),
-        None => Counted::default(),
-    };
+    let counted = between(&before, &after, latencies.len() as u64);
+    // The cluster's counters mean nothing for the modes that do not use it.
+    let Counted { split, entries_per_fsync, decisions_per_entry, fsync_ms, cpu } =
+        if through_cluster { counted } else { Counted { cpu: counted.cpu, ..Counted::default() } };
     eprint!("\r{:100}\r", "");
     latencies.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -404,6 +505,7 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         entries_per_fsync,
         decisions_per_entry,
         fsync_ms,
+        cpu,
     })
 }
 
@@ -681,18 +783,67 @@ mod tests {
             entries_per_fsync: None,
             decisions_per_entry: None,
             fsync_ms: None,
+            cpu: None,
         }
+    }
+
+    fn reading(counters: [u64; 9]) -> Reading {
+        Reading { counters, ..Reading::default() }
     }
 
     #[test]
     fn split_is_the_mean_between_readings() {
-        let counted =
-            between([10, 1000, 2000, 3000, 50, 5, 7, 1, 100], [20, 31_000, 12_000, 8000, 250, 25, 47, 11, 4100]);
+        let counted = between(
+            &reading([10, 1000, 2000, 3000, 50, 5, 7, 1, 100]),
+            &reading([20, 31_000, 12_000, 8000, 250, 25, 47, 11, 4100]),
+            10,
+        );
         assert_eq!(counted.split, Some(Split { prepare_ms: 3.0, decide_ms: 1.0, phase2_ms: 0.5 }));
         assert_eq!(counted.entries_per_fsync, Some(10.0));
         assert_eq!(counted.decisions_per_entry, Some(4.0));
         assert_eq!(counted.fsync_ms, Some(0.2));
-        assert_eq!(between([5, 0, 0, 0, 0, 0, 0, 0, 0], [5, 9, 9, 9, 0, 0, 0, 0, 0]), Counted::default());
+        assert_eq!(
+            between(&reading([5, 0, 0, 0, 0, 0, 0, 0, 0]), &reading([5, 9, 9, 9, 0, 0, 0, 0, 0]), 3),
+            Counted::default()
+        );
+    }
+
+    #[test]
+    fn cpu_is_shared_out_per_transfer() {
+        let before = Reading {
+            nodes: vec![(1, true, 1_000), (2, false, 500), (3, false, 700)],
+            client_cpu_us: 100,
+            machine_cpu_us: Some((10_000, 50_000)),
+            ..Reading::default()
+        };
+        // Node 2 became the leader; node 4 was not there before, so its
+        // time counts in the rest.
+        let after = Reading {
+            nodes: vec![(1, false, 3_000), (2, true, 4_500), (3, false, 1_700), (4, false, 9_000)],
+            client_cpu_us: 2_100,
+            machine_cpu_us: Some((30_000, 90_000)),
+            ..Reading::default()
+        };
+        let cpu = between(&before, &after, 100).cpu.unwrap();
+        assert_eq!(
+            cpu,
+            CpuPerTransfer { leader_us: 40.0, followers_us: 30.0, client_us: 20.0, rest_us: 110.0, machine_busy: 0.5 }
+        );
+        assert_eq!(between(&before, &after, 0).cpu, None);
+        assert_eq!(between(&before, &Reading { machine_cpu_us: None, ..after }, 100).cpu, None);
+    }
+
+    #[test]
+    fn machine_cpu_is_read_from_proc_stat() {
+        // SAFETY: sysconf reads a constant of the system.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        // Steal counts as busy; guest time (the last two) is already in
+        // user and nice.
+        let stat = "cpu  100 5 50 800 40 3 2 7 30 9\ncpu0 50 2 25 400 20 1 1 3 15 4\nintr 1 2 3\n";
+        let tick = 1_000_000 / hz;
+        assert_eq!(machine_cpu_us(stat), Some((167 * tick, 1007 * tick)));
+        assert_eq!(machine_cpu_us("cpu0 1 2 3 4 5\n"), None);
+        assert_eq!(machine_cpu_us("cpu  1 x 3 4 5\n"), None);
     }
 
     #[test]
