@@ -20,8 +20,11 @@
 //! COMMIT) go out pipelined; a baseline that paid round trips Tandem does
 //! not would flatter Tandem.
 //!
-//! Each mode runs at each concurrency for a fixed time; every worker runs
-//! transfers back to back and records each one's latency.
+//! Each mode runs at each concurrency for a fixed time; every worker
+//! connects first, then all run transfers back to back from the moment
+//! the clock starts, recording each one's latency. Around each point the
+//! nodes' counters, their CPU time, the client's and the machine's are
+//! read, to show where a transfer's CPU went.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -179,7 +182,7 @@ const COUNTERS: [&str; 9] = [
 ];
 
 /// One reading of the counters and of the CPU time used so far.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Debug, Default)]
 struct Reading {
     /// [`COUNTERS`], each summed over the nodes that answered.
     counters: [u64; 9],
