@@ -142,7 +142,7 @@ pub struct BenchResult {
     /// (`pg_stat_wal.wal_sync`), which shows how well the databases' own
     /// group commit shares flushes at this load.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub participant_fsyncs: Option<f64>,
+    pub wal_fsyncs_per_transfer: Option<f64>,
 }
 
 /// The CPU time used during a point, per transfer (or decision), in
@@ -201,13 +201,13 @@ struct Reading {
     /// cores, if `/proc/stat` says.
     machine_cpu_us: Option<(u64, u64)>,
     /// The fsyncs of the write-ahead logs of databases A and B together,
-    /// if both say.
-    participant_wal_syncs: Option<u64>,
+    /// if both say ([`wal_fsyncs`]).
+    wal_fsyncs: Option<u64>,
 }
 
-async fn read_counters(cfg: &BenchConfig) -> Reading {
+async fn read_counters(nodes: &[String]) -> Reading {
     let mut reading = Reading::default();
-    for addr in &cfg.nodes {
+    for addr in nodes {
         let Ok(mut client) = Client::pinned(addr) else { continue };
         let Ok(status) = client.status().await else { continue };
         for (total, name) in reading.counters.iter_mut().zip(COUNTERS) {
@@ -218,18 +218,30 @@ async fn read_counters(cfg: &BenchConfig) -> Reading {
     }
     reading.client_cpu_us = crate::server::process_cpu_us();
     reading.machine_cpu_us = std::fs::read_to_string("/proc/stat").ok().and_then(|s| machine_cpu_us(&s));
-    let (a, b) = tokio::join!(wal_syncs(&cfg.a), wal_syncs(&cfg.b));
-    reading.participant_wal_syncs = a.zip(b).map(|(a, b)| a + b);
     reading
 }
 
-/// How many times the database has fsynced its write-ahead log since its
-/// statistics were reset; `None` if it cannot say (no `pg_stat_wal`
-/// before PostgreSQL 14).
-async fn wal_syncs(participant: &ParticipantConfig) -> Option<u64> {
-    let client = super::bank::connect(participant).await.ok()?;
-    let row = client.query_one("SELECT wal_sync FROM pg_stat_wal", &[]).await.ok()?;
-    u64::try_from(row.try_get::<_, i64>(0).ok()?).ok()
+/// How long after a point the databases' statistics are read: PostgreSQL
+/// publishes a busy backend's counts at most once a second, and an idle
+/// one's within a second of going idle.
+const DATABASE_STATS_DELAY: Duration = Duration::from_millis(1_200);
+
+/// How many times databases A and B together have fsynced their
+/// write-ahead logs (`pg_stat_wal.wal_sync`), or `None` if either cannot
+/// say: unreachable, or without that view (PostgreSQL before 14). The
+/// count is of fsync calls: 0 under a `wal_sync_method` that writes
+/// synchronously instead (`open_sync`, `open_datasync`).
+async fn wal_fsyncs(cfg: &BenchConfig) -> Option<u64> {
+    async fn of(participant: &ParticipantConfig) -> Option<u64> {
+        let read = async {
+            let client = super::bank::connect(participant).await.ok()?;
+            let row = client.query_one("SELECT wal_sync FROM pg_stat_wal", &[]).await.ok()?;
+            u64::try_from(row.try_get::<_, i64>(0).ok()?).ok()
+        };
+        tokio::time::timeout(Duration::from_secs(5), read).await.ok().flatten()
+    }
+    let (a, b) = tokio::join!(of(&cfg.a), of(&cfg.b));
+    Some(a? + b?)
 }
 
 /// The machine's busy and total CPU time in microseconds, from the `cpu`
@@ -263,7 +275,7 @@ struct Counted {
     /// CPU per transfer.
     cpu: Option<CpuPerTransfer>,
     /// The databases' write-ahead log fsyncs per transfer.
-    participant_fsyncs: Option<f64>,
+    wal_fsyncs_per_transfer: Option<f64>,
 }
 
 /// What happened between two readings in which `transfers` were done.
@@ -282,9 +294,9 @@ fn between(before: &Reading, after: &Reading, transfers: u64) -> Counted {
         decisions_per_entry: (d[7] > 0.0).then(|| d[6] / d[7]),
         fsync_ms: (d[5] > 0.0).then(|| d[8] / d[5] / 1000.0),
         cpu: cpu_between(before, after, transfers),
-        participant_fsyncs: before
-            .participant_wal_syncs
-            .zip(after.participant_wal_syncs)
+        wal_fsyncs_per_transfer: before
+            .wal_fsyncs
+            .zip(after.wal_fsyncs)
             .filter(|_| transfers > 0)
             .map(|(b, a)| a.saturating_sub(b) as f64 / transfers as f64),
     }
@@ -404,7 +416,7 @@ pub async fn run(cfg: &BenchConfig) -> Result<Vec<BenchResult>> {
                     100.0 * c.machine_busy
                 );
             }
-            if let Some(n) = r.participant_fsyncs {
+            if let Some(n) = r.wal_fsyncs_per_transfer {
                 eprintln!("{:<15} PostgreSQL WAL fsyncs per transfer (both databases): {n:.2}", "");
             }
             if let (Some(first), Some(last)) = (r.first_window_per_s, r.last_window_per_s) {
@@ -438,7 +450,10 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         let client = shared.as_ref().map(Client::share).expect("made at the first worker");
         connected.push(Worker::connect(cfg, mode, w, client).await?);
     }
-    let before = read_counters(cfg).await;
+    // The databases first: opening their connections is not the point's
+    // CPU. decisions_only does no work in them.
+    let wal_before = if mode == Mode::DecisionsOnly { None } else { wal_fsyncs(cfg).await };
+    let before = Reading { wal_fsyncs: wal_before, ..read_counters(&cfg.nodes).await };
     let started = Instant::now();
     let mut workers = Vec::with_capacity(concurrency);
     for (w, mut worker) in connected.into_iter().enumerate() {
@@ -506,20 +521,26 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         failed += f;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let after = read_counters(cfg).await;
+    let after = read_counters(&cfg.nodes).await;
+    let wal_after = match wal_before {
+        Some(_) => {
+            tokio::time::sleep(DATABASE_STATS_DELAY).await;
+            wal_fsyncs(cfg).await
+        }
+        None => None,
+    };
+    let after = Reading { wal_fsyncs: wal_after, ..after };
     let mut samples = progress.await.map_err(|e| Error::Internal(format!("the bench progress task failed: {e}")))?;
     samples.push((elapsed, latencies.len() as u64));
     let (first_window_per_s, last_window_per_s) = windows(&samples, latencies.len() as u64);
     let counted = between(&before, &after, latencies.len() as u64);
     // The cluster's counters mean nothing for the modes that do not use it.
-    let Counted { split, entries_per_fsync, decisions_per_entry, fsync_ms, cpu, participant_fsyncs } =
+    let Counted { split, entries_per_fsync, decisions_per_entry, fsync_ms, cpu, wal_fsyncs_per_transfer } =
         if through_cluster {
             counted
         } else {
-            Counted { cpu: counted.cpu, participant_fsyncs: counted.participant_fsyncs, ..Counted::default() }
+            Counted { cpu: counted.cpu, wal_fsyncs_per_transfer: counted.wal_fsyncs_per_transfer, ..Counted::default() }
         };
-    // decisions_only does no work in the databases.
-    let participant_fsyncs = participant_fsyncs.filter(|_| mode != Mode::DecisionsOnly);
     eprint!("\r{:100}\r", "");
     latencies.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -545,7 +566,7 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         decisions_per_entry,
         fsync_ms,
         cpu,
-        participant_fsyncs,
+        wal_fsyncs_per_transfer,
     })
 }
 
@@ -824,7 +845,7 @@ mod tests {
             decisions_per_entry: None,
             fsync_ms: None,
             cpu: None,
-            participant_fsyncs: None,
+            wal_fsyncs_per_transfer: None,
         }
     }
 
@@ -876,13 +897,13 @@ mod tests {
 
     #[test]
     fn database_fsyncs_are_counted_per_transfer() {
-        let before = Reading { participant_wal_syncs: Some(1_000), ..Reading::default() };
-        let after = Reading { participant_wal_syncs: Some(1_250), ..Reading::default() };
-        assert_eq!(between(&before, &after, 100).participant_fsyncs, Some(2.5));
-        assert_eq!(between(&before, &after, 0).participant_fsyncs, None);
+        let before = Reading { wal_fsyncs: Some(1_000), ..Reading::default() };
+        let after = Reading { wal_fsyncs: Some(1_250), ..Reading::default() };
+        assert_eq!(between(&before, &after, 100).wal_fsyncs_per_transfer, Some(2.5));
+        assert_eq!(between(&before, &after, 0).wal_fsyncs_per_transfer, None);
         // A database that could not say, before or after: nothing.
-        assert_eq!(between(&Reading::default(), &after, 100).participant_fsyncs, None);
-        assert_eq!(between(&before, &Reading::default(), 100).participant_fsyncs, None);
+        assert_eq!(between(&Reading::default(), &after, 100).wal_fsyncs_per_transfer, None);
+        assert_eq!(between(&before, &Reading::default(), 100).wal_fsyncs_per_transfer, None);
     }
 
     #[test]
