@@ -24,7 +24,9 @@
 //! connects first, then all run transfers back to back from the moment
 //! the clock starts, recording each one's latency. Around each point the
 //! nodes' counters, their CPU time, the client's and the machine's are
-//! read, to show where a transfer's CPU went.
+//! read, to show where a transfer's CPU went, and the databases' count of
+//! write-ahead log fsyncs, to show how well their group commit shares
+//! flushes.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
