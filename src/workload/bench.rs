@@ -24,9 +24,9 @@
 //! connects first, then all run transfers back to back from the moment
 //! the clock starts, recording each one's latency. Around each point the
 //! nodes' counters, their CPU time, the client's and the machine's are
-//! read, to show where a transfer's CPU went, and the databases' count of
-//! write-ahead log fsyncs, to show how well their group commit shares
-//! flushes.
+//! read, to show where a transfer's CPU went; over its middle, the
+//! databases' count of write-ahead log fsyncs, to show how well their
+//! group commit shares flushes.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -139,10 +139,11 @@ pub struct BenchResult {
     /// Where the machine's CPU went, per transfer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuPerTransfer>,
-    /// Every mode but decisions_only: the fsyncs of PostgreSQL's
-    /// write-ahead log per transfer, both databases together
-    /// (`pg_stat_wal.wal_sync`), which shows how well the databases' own
-    /// group commit shares flushes at this load.
+    /// Every mode but decisions_only, in timed points: the fsyncs of
+    /// PostgreSQL's write-ahead log per transfer, both databases together
+    /// (`pg_stat_wal.wal_sync`), from a fifth of the way into the point to
+    /// four fifths; it shows how well the databases' own group commit
+    /// shares flushes at this load.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wal_fsyncs_per_transfer: Option<f64>,
 }
@@ -202,9 +203,6 @@ struct Reading {
     /// The machine's CPU time, busy and in all (busy and idle), over all
     /// cores, if `/proc/stat` says.
     machine_cpu_us: Option<(u64, u64)>,
-    /// The fsyncs of the write-ahead logs of databases A and B together,
-    /// if both say ([`wal_fsyncs`]).
-    wal_fsyncs: Option<u64>,
 }
 
 async fn read_counters(nodes: &[String]) -> Reading {
@@ -223,17 +221,13 @@ async fn read_counters(nodes: &[String]) -> Reading {
     reading
 }
 
-/// How long after a point the databases' statistics are read: PostgreSQL
-/// publishes a busy backend's counts at most once a second, and an idle
-/// one's within a second of going idle.
-const DATABASE_STATS_DELAY: Duration = Duration::from_millis(1_200);
-
 /// How many times databases A and B together have fsynced their
 /// write-ahead logs (`pg_stat_wal.wal_sync`), or `None` if either cannot
-/// say: unreachable, or without that view (PostgreSQL before 14). The
-/// count is of fsync calls: 0 under a `wal_sync_method` that writes
-/// synchronously instead (`open_sync`, `open_datasync`).
-async fn wal_fsyncs(cfg: &BenchConfig) -> Option<u64> {
+/// say: unreachable, or without that column (PostgreSQL before 14, and
+/// not every later version). The count is of fsync calls: 0 under a
+/// `wal_sync_method` that writes synchronously instead (`open_sync`,
+/// `open_datasync`).
+async fn wal_fsyncs(a: &ParticipantConfig, b: &ParticipantConfig) -> Option<u64> {
     async fn of(participant: &ParticipantConfig) -> Option<u64> {
         let read = async {
             let client = super::bank::connect(participant).await.ok()?;
@@ -242,8 +236,34 @@ async fn wal_fsyncs(cfg: &BenchConfig) -> Option<u64> {
         };
         tokio::time::timeout(Duration::from_secs(5), read).await.ok().flatten()
     }
-    let (a, b) = tokio::join!(of(&cfg.a), of(&cfg.b));
+    let (a, b) = tokio::join!(of(a), of(b));
     Some(a? + b?)
+}
+
+/// The databases' WAL fsyncs per transfer over the middle of a timed
+/// point, from a fifth of `duration` in to four fifths, with `done` the
+/// point's count of transfers. PostgreSQL publishes a backend's counts
+/// when it goes idle, at most once a second, and an idle one's up to 10 s
+/// later: read right after a point, the count would miss some of its
+/// last fsyncs. Mid-point every backend is busy, and the two readings lag
+/// alike.
+async fn wal_window(
+    a: ParticipantConfig,
+    b: ParticipantConfig,
+    duration: Duration,
+    done: Arc<AtomicU64>,
+) -> Option<f64> {
+    tokio::time::sleep(duration / 5).await;
+    let first = (wal_fsyncs(&a, &b).await?, done.load(Ordering::Relaxed));
+    tokio::time::sleep(duration * 3 / 5).await;
+    let last = (wal_fsyncs(&a, &b).await?, done.load(Ordering::Relaxed));
+    per_transfer(first, last)
+}
+
+/// `(fsyncs, transfers done)` read twice: fsyncs per transfer between.
+fn per_transfer((fsyncs0, done0): (u64, u64), (fsyncs1, done1): (u64, u64)) -> Option<f64> {
+    let transfers = done1.checked_sub(done0).filter(|&n| n > 0)?;
+    Some(fsyncs1.saturating_sub(fsyncs0) as f64 / transfers as f64)
 }
 
 /// The machine's busy and total CPU time in microseconds, from the `cpu`
@@ -276,8 +296,6 @@ struct Counted {
     fsync_ms: Option<f64>,
     /// CPU per transfer.
     cpu: Option<CpuPerTransfer>,
-    /// The databases' write-ahead log fsyncs per transfer.
-    wal_fsyncs_per_transfer: Option<f64>,
 }
 
 /// What happened between two readings in which `transfers` were done.
@@ -296,11 +314,6 @@ fn between(before: &Reading, after: &Reading, transfers: u64) -> Counted {
         decisions_per_entry: (d[7] > 0.0).then(|| d[6] / d[7]),
         fsync_ms: (d[5] > 0.0).then(|| d[8] / d[5] / 1000.0),
         cpu: cpu_between(before, after, transfers),
-        wal_fsyncs_per_transfer: before
-            .wal_fsyncs
-            .zip(after.wal_fsyncs)
-            .filter(|_| transfers > 0)
-            .map(|(b, a)| a.saturating_sub(b) as f64 / transfers as f64),
     }
 }
 
@@ -452,11 +465,12 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         let client = shared.as_ref().map(Client::share).expect("made at the first worker");
         connected.push(Worker::connect(cfg, mode, w, client).await?);
     }
-    // The databases first: opening their connections is not the point's
-    // CPU. decisions_only does no work in them.
-    let wal_before = if mode == Mode::DecisionsOnly { None } else { wal_fsyncs(cfg).await };
-    let before = Reading { wal_fsyncs: wal_before, ..read_counters(&cfg.nodes).await };
+    let before = read_counters(&cfg.nodes).await;
     let started = Instant::now();
+    // decisions_only does no work in the databases; a point run to a
+    // number of transfers has no middle known in advance.
+    let wal = (mode != Mode::DecisionsOnly && cfg.transactions.is_none())
+        .then(|| tokio::spawn(wal_window(cfg.a.clone(), cfg.b.clone(), cfg.duration, done.clone())));
     let mut workers = Vec::with_capacity(concurrency);
     for (w, mut worker) in connected.into_iter().enumerate() {
         let (stop, done) = (stop.clone(), done.clone());
@@ -524,25 +538,17 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
     }
     let elapsed = started.elapsed().as_secs_f64();
     let after = read_counters(&cfg.nodes).await;
-    let wal_after = match wal_before {
-        Some(_) => {
-            tokio::time::sleep(DATABASE_STATS_DELAY).await;
-            wal_fsyncs(cfg).await
-        }
+    let wal_fsyncs_per_transfer = match wal {
+        Some(window) => window.await.ok().flatten(),
         None => None,
     };
-    let after = Reading { wal_fsyncs: wal_after, ..after };
     let mut samples = progress.await.map_err(|e| Error::Internal(format!("the bench progress task failed: {e}")))?;
     samples.push((elapsed, latencies.len() as u64));
     let (first_window_per_s, last_window_per_s) = windows(&samples, latencies.len() as u64);
     let counted = between(&before, &after, latencies.len() as u64);
     // The cluster's counters mean nothing for the modes that do not use it.
-    let Counted { split, entries_per_fsync, decisions_per_entry, fsync_ms, cpu, wal_fsyncs_per_transfer } =
-        if through_cluster {
-            counted
-        } else {
-            Counted { cpu: counted.cpu, wal_fsyncs_per_transfer: counted.wal_fsyncs_per_transfer, ..Counted::default() }
-        };
+    let Counted { split, entries_per_fsync, decisions_per_entry, fsync_ms, cpu } =
+        if through_cluster { counted } else { Counted { cpu: counted.cpu, ..Counted::default() } };
     eprint!("\r{:100}\r", "");
     latencies.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -899,13 +905,10 @@ mod tests {
 
     #[test]
     fn database_fsyncs_are_counted_per_transfer() {
-        let before = Reading { wal_fsyncs: Some(1_000), ..Reading::default() };
-        let after = Reading { wal_fsyncs: Some(1_250), ..Reading::default() };
-        assert_eq!(between(&before, &after, 100).wal_fsyncs_per_transfer, Some(2.5));
-        assert_eq!(between(&before, &after, 0).wal_fsyncs_per_transfer, None);
-        // A database that could not say, before or after: nothing.
-        assert_eq!(between(&Reading::default(), &after, 100).wal_fsyncs_per_transfer, None);
-        assert_eq!(between(&before, &Reading::default(), 100).wal_fsyncs_per_transfer, None);
+        assert_eq!(per_transfer((1_000, 40), (1_250, 140)), Some(2.5));
+        // No transfers between the readings: nothing to share out.
+        assert_eq!(per_transfer((1_000, 40), (1_250, 40)), None);
+        assert_eq!(per_transfer((1_000, 40), (1_000, 90)), Some(0.0));
     }
 
     #[test]
