@@ -139,7 +139,8 @@ pub struct BenchResult {
     /// Where the machine's CPU went, per transfer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuPerTransfer>,
-    /// Every mode but decisions_only, in timed points: the fsyncs of
+    /// Every mode but decisions_only, in timed points of at least 9 s:
+    /// the fsyncs of
     /// PostgreSQL's write-ahead log per transfer, both databases together
     /// (`pg_stat_wal.wal_sync`), from a fifth of the way into the point to
     /// four fifths; it shows how well the databases' own group commit
@@ -259,6 +260,12 @@ async fn wal_window(
     let last = (wal_fsyncs(&a, &b).await?, done.load(Ordering::Relaxed));
     per_transfer(first, last)
 }
+
+/// The shortest point whose WAL fsyncs [`wal_window`] counts: its window
+/// is three fifths of the point, and PostgreSQL's counts lag by up to
+/// about a second, so a much shorter window would mostly miss them (a 1-s
+/// point reads 0).
+const WAL_POINT_MIN: Duration = Duration::from_secs(9);
 
 /// `(fsyncs, transfers done)` read twice: fsyncs per transfer between.
 fn per_transfer((fsyncs0, done0): (u64, u64), (fsyncs1, done1): (u64, u64)) -> Option<f64> {
@@ -469,7 +476,7 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
     let started = Instant::now();
     // decisions_only does no work in the databases; a point run to a
     // number of transfers has no middle known in advance.
-    let wal = (mode != Mode::DecisionsOnly && cfg.transactions.is_none())
+    let wal = (mode != Mode::DecisionsOnly && cfg.transactions.is_none() && cfg.duration >= WAL_POINT_MIN)
         .then(|| tokio::spawn(wal_window(cfg.a.clone(), cfg.b.clone(), cfg.duration, done.clone())));
     let mut workers = Vec::with_capacity(concurrency);
     for (w, mut worker) in connected.into_iter().enumerate() {
