@@ -142,8 +142,8 @@ pub struct BenchResult {
     /// Every mode but decisions_only, in timed points of at least 9 s: the
     /// fsyncs of PostgreSQL's write-ahead log per transfer, both databases
     /// together (`pg_stat_wal.wal_sync`), from a fifth of the way into the
-    /// point to four fifths; it shows how well the
-    /// databases' own group commit shares flushes at this load.
+    /// point to four fifths; it shows how well the databases' own group
+    /// commit shares flushes at this load.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wal_fsyncs_per_transfer: Option<f64>,
 }
