@@ -90,7 +90,10 @@ pub struct ParticipantConfig {
     pub name: String,
     pub kind: ParticipantKind,
     pub url: String,
-    /// Connections the leader keeps to this participant, at most.
+    /// Connections the leader keeps to this participant for branches (and
+    /// for phase 2 when one is free), at most; a PostgreSQL participant
+    /// keeps up to half as many more (at least 2, at most 128) for phase 2
+    /// when none is free, recovery and checks.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
 }

@@ -274,6 +274,68 @@ async fn rollback_prepared_and_a_hand_resolved_branch() {
     assert_eq!(p.branch_outcome(xb).await.unwrap(), Some(false));
 }
 
+/// The participant's connections to `pg`'s `accounts` database, told
+/// apart by their application name.
+async fn participant_connections(pg: &PgServer, application: &str) -> i64 {
+    pg.client("accounts")
+        .await
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", &[&application])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// COMMIT PREPARED runs on a free branch connection (the one the branch
+/// just handed back), so that a transaction at a time needs one connection
+/// per database, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phase_two_runs_on_a_free_branch_connection() {
+    let (pg, _) = setup().await;
+    let url = format!("{}?application_name=phase_two", pg.url("accounts"));
+    let p = PostgresParticipant::new("accounts_a", &url, 4).unwrap();
+    for i in 0..5 {
+        let mut b = p.begin().await.unwrap();
+        b.execute(&stmt("UPDATE balances SET balance = balance - 1 WHERE id = 8", vec![])).await.unwrap();
+        let g = gid(&format!("t2{i}"), 0);
+        b.prepare(&g).await.unwrap();
+        assert_eq!(p.commit_prepared(&g).await.unwrap(), Phase2::Done);
+    }
+    assert_eq!(balance(&pg, 8).await, 95);
+    assert_eq!(participant_connections(&pg, "phase_two").await, 1);
+}
+
+/// With every branch connection held by a branch that waits on a prepared
+/// branch's lock, COMMIT PREPARED of that branch takes a control connection
+/// instead of waiting for a branch connection that only it can free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phase_two_does_not_wait_on_branches_that_wait_on_its_locks() {
+    let (pg, _) = setup().await;
+    let p = PostgresParticipant::new("accounts_a", &pg.url("accounts"), 1).unwrap();
+    let mut a = p.begin().await.unwrap();
+    a.execute(&stmt("UPDATE balances SET balance = 50 WHERE id = 9", vec![])).await.unwrap();
+    let g = gid("t30", 0);
+    a.prepare(&g).await.unwrap();
+    // The only branch connection, waiting on the prepared branch's row lock.
+    let mut b = p.begin().await.unwrap();
+    let waiting = tokio::spawn(async move {
+        let r = b.execute(&stmt("UPDATE balances SET balance = balance - 1 WHERE id = 9", vec![])).await;
+        b.rollback().await.unwrap();
+        r
+    });
+    let watcher = pg.client("accounts").await;
+    let lock_waits = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'";
+    for _ in 0..250 {
+        if watcher.query_one(lock_waits, &[]).await.unwrap().get::<_, i64>(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(watcher.query_one(lock_waits, &[]).await.unwrap().get::<_, i64>(0), 1, "the branch should be waiting");
+    assert_eq!(p.commit_prepared(&g).await.unwrap(), Phase2::Done);
+    assert_eq!(waiting.await.unwrap().unwrap().rows_affected, 1);
+    assert_eq!(balance(&pg, 9).await, 50);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_this_clusters_prepared_branches_are_listed() {
     let (pg, p) = setup().await;

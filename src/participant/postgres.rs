@@ -16,6 +16,10 @@
 //!   256), so a statement costs one round trip. A statement whose plan a
 //!   schema change made stale fails once, and is then prepared afresh on
 //!   every connection.
+//! - COMMIT/ROLLBACK PREPARED run on a free branch connection, or, when
+//!   none is free at once, on a separate control connection, so that a
+//!   transaction needs one connection per database at a time, and phase 2
+//!   never waits for a connection held by a branch waiting on its locks.
 //! - gids are spliced into `PREPARE TRANSACTION '…'` and `COMMIT PREPARED
 //!   '…'` only after [`Gid::validated`]: `[a-z0-9_]`, nothing to escape.
 //! - The server needs `max_prepared_transactions` above 0; [`check`]
@@ -32,6 +36,7 @@ use deadpool_postgres::ManagerConfig;
 use deadpool_postgres::Object;
 use deadpool_postgres::Pool;
 use deadpool_postgres::RecyclingMethod;
+use deadpool_postgres::Timeouts;
 use tokio_postgres::NoTls;
 use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::error::SqlState;
@@ -63,18 +68,20 @@ const STATEMENT_CACHE_MAX: usize = 256;
 
 pub struct PostgresParticipant {
     name: String,
-    /// Connections for branches: held from BEGIN to PREPARE.
+    /// Connections for branches, held from BEGIN to PREPARE, and for
+    /// COMMIT/ROLLBACK PREPARED when one is free.
     pool: Pool,
-    /// A few connections for everything else (COMMIT/ROLLBACK PREPARED,
-    /// listing, outcome checks), so that finishing prepared branches, which
-    /// releases their locks, never waits behind branches that wait on those
-    /// very locks.
+    /// Connections for everything else (phase 2 when no branch connection
+    /// is free, listing, outcome checks), so that finishing prepared
+    /// branches, which releases their locks, never waits behind branches
+    /// that wait on those very locks.
     control: Pool,
 }
 
 impl PostgresParticipant {
     /// A participant for the database at `url`, with at most `pool_size`
-    /// connections.
+    /// branch connections, and half as many control connections (at least
+    /// 2, at most `CONTROL_POOL_MAX`).
     pub fn new(name: &str, url: &str, pool_size: usize) -> Result<Self> {
         let config: tokio_postgres::Config =
             url.parse().map_err(|e| Error::InvalidInput(format!("participant {name}: bad url: {e}")))?;
@@ -90,9 +97,9 @@ impl PostgresParticipant {
                 .map_err(|e| Error::InvalidInput(format!("participant {name}: {e}")))
         };
         let pool = pool_of(pool_size.max(1))?;
-        // Every committed transaction takes a control connection for each
-        // COMMIT PREPARED: a few, as there once were, made phase 2 the
-        // queue at a few hundred clients.
+        // When the branch pool is busy, each COMMIT PREPARED takes a control
+        // connection: a few, as there once were, made phase 2 the queue at a
+        // few hundred clients.
         let control = pool_of((pool_size / 2).clamp(2, CONTROL_POOL_MAX))?;
         Ok(Self { name: name.to_string(), pool, control })
     }
@@ -114,9 +121,30 @@ impl PostgresParticipant {
         self.get(&self.control).await
     }
 
+    /// A connection for COMMIT or ROLLBACK PREPARED: a branch connection if
+    /// one is free now, else a control connection.
+    ///
+    /// A branch's connection is back in the branch pool once it is prepared,
+    /// so phase 2 on that pool needs no connections beyond the branches'
+    /// own. Each PostgreSQL backend costs the server CPU and memory: with a
+    /// pool of its own, phase 2 doubled the backends at 64 clients, and
+    /// Tandem's throughput was about a tenth lower (README, Benchmark). It
+    /// never waits for a branch connection to be handed back, since they
+    /// may all be held by branches waiting on the locks this very commit
+    /// releases; when the pool is below its size and none is idle, it opens
+    /// one, within the pool's create timeout, and on failure takes a
+    /// control connection.
+    async fn phase2_connection(&self) -> Result<Object> {
+        let now = Timeouts { wait: Some(Duration::ZERO), ..self.pool.timeouts() };
+        match self.pool.timeout_get(&now).await {
+            Ok(conn) => Ok(conn),
+            Err(_) => self.control_connection().await,
+        }
+    }
+
     async fn finish_prepared(&self, verb: &str, gid: &Gid) -> Result<Phase2> {
         let gid = gid.validated()?;
-        let conn = self.control_connection().await?;
+        let conn = self.phase2_connection().await?;
         match conn.batch_execute(&format!("{verb} PREPARED '{gid}'")).await {
             Ok(()) => Ok(Phase2::Done),
             Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(Phase2::GidMissing),
