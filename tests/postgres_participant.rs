@@ -336,6 +336,30 @@ async fn phase_two_does_not_wait_on_branches_that_wait_on_its_locks() {
     assert_eq!(balance(&pg, 9).await, 50);
 }
 
+/// A branch's session-level setting outlives it on its connection; one that
+/// makes COMMIT PREPARED fail there (here the role, which may not finish
+/// another user's prepared transaction) sends phase 2 to a control
+/// connection instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phase_two_on_a_branch_connection_a_client_changed_goes_to_a_control_connection() {
+    let (pg, _) = setup().await;
+    pg.client("accounts").await.batch_execute("CREATE ROLE limited").await.unwrap();
+    let p = PostgresParticipant::new("accounts_a", &pg.url("accounts"), 1).unwrap();
+    let mut a = p.begin().await.unwrap();
+    a.execute(&stmt("UPDATE balances SET balance = 40 WHERE id = 10", vec![])).await.unwrap();
+    let ga = gid("t40", 0);
+    a.prepare(&ga).await.unwrap();
+    // The only branch connection now runs as `limited`.
+    let mut b = p.begin().await.unwrap();
+    b.execute(&stmt("SELECT set_config('role', 'limited', false)", vec![])).await.unwrap();
+    let gb = gid("t41", 0);
+    b.prepare(&gb).await.unwrap();
+    assert_eq!(p.commit_prepared(&ga).await.unwrap(), Phase2::Done);
+    assert_eq!(balance(&pg, 10).await, 40);
+    assert_eq!(p.rollback_prepared(&gb).await.unwrap(), Phase2::Done);
+    assert!(p.prepared_branches(CLUSTER).await.unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_this_clusters_prepared_branches_are_listed() {
     let (pg, p) = setup().await;

@@ -121,8 +121,8 @@ impl PostgresParticipant {
         self.get(&self.control).await
     }
 
-    /// A connection for COMMIT or ROLLBACK PREPARED: a branch connection if
-    /// one is free now, else a control connection.
+    /// A branch connection for COMMIT or ROLLBACK PREPARED, if one is free
+    /// now; phase 2 takes a control connection otherwise.
     ///
     /// A branch's connection is back in the branch pool once it is prepared,
     /// so phase 2 on that pool needs no connections beyond the branches'
@@ -131,21 +131,38 @@ impl PostgresParticipant {
     /// Tandem's throughput was about a tenth lower (README, Benchmark). It
     /// never waits for a branch connection to be handed back, since they
     /// may all be held by branches waiting on the locks this very commit
-    /// releases; when the pool is below its size and none is idle, it opens
-    /// one, within the pool's create timeout, and on failure takes a
-    /// control connection.
-    async fn phase2_connection(&self) -> Result<Object> {
+    /// releases. When the pool is below its size and none is idle, it opens
+    /// one, within the pool's create timeout.
+    async fn free_branch_connection(&self) -> Option<Object> {
         let now = Timeouts { wait: Some(Duration::ZERO), ..self.pool.timeouts() };
-        match self.pool.timeout_get(&now).await {
-            Ok(conn) => Ok(conn),
-            Err(_) => self.control_connection().await,
-        }
+        self.pool.timeout_get(&now).await.ok()
     }
 
     async fn finish_prepared(&self, verb: &str, gid: &Gid) -> Result<Phase2> {
         let gid = gid.validated()?;
-        let conn = self.phase2_connection().await?;
-        match conn.batch_execute(&format!("{verb} PREPARED '{gid}'")).await {
+        let sql = format!("{verb} PREPARED '{gid}'");
+        if let Some(conn) = self.free_branch_connection().await {
+            match conn.batch_execute(&sql).await {
+                // The server refused it, so nothing was done: again on a
+                // control connection, which runs no client statement. A
+                // branch's session-level setting (`set_config(…, false)`
+                // gets past the guard) outlives it on its connection, and
+                // one such as `role` or `statement_timeout` can make
+                // COMMIT PREPARED fail there every time.
+                Err(e) if e.as_db_error().is_some() && e.code() != Some(&SqlState::UNDEFINED_OBJECT) => {
+                    tracing::warn!(participant = %self.name, %gid, error = %e,
+                        "phase 2 failed on a branch connection; trying a control connection");
+                }
+                result => return self.phase2_answer(result),
+            }
+        }
+        let conn = self.control_connection().await?;
+        self.phase2_answer(conn.batch_execute(&sql).await)
+    }
+
+    /// What COMMIT or ROLLBACK PREPARED answered.
+    fn phase2_answer(&self, result: std::result::Result<(), tokio_postgres::Error>) -> Result<Phase2> {
+        match result {
             Ok(()) => Ok(Phase2::Done),
             Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(Phase2::GidMissing),
             Err(e) => Err(pg_error(&self.name, e)),
