@@ -338,7 +338,7 @@ enum LogCommand {
 }
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
+    tune_malloc();
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -382,14 +382,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// arenas keep the resident size near what is in use.
 ///
 /// glibc also raises its threshold for serving an allocation from its own
-/// `mmap` each time such a block is freed, up to 32 MB, after which large
-/// blocks (RocksDB's memtables take theirs 1 MB at a time) come from the
-/// arenas and may stay there, free but resident, once freed. A fixed
-/// threshold keeps them in their own mappings, returned when freed, and a
-/// low trim threshold returns a freed arena top. At 256 clients that held
-/// each node's peak 14 to 17 MB lower (README, Benchmark). Called before
-/// any thread starts.
-fn limit_malloc_arenas() {
+/// `mmap` each time such a block is freed, to that block's size (up to
+/// 32 MB), after which blocks of that size (RocksDB's memtables take
+/// theirs 1 MB at a time) come from the arenas and may stay there, free
+/// but resident, once freed. A fixed threshold (which also ends the
+/// adjustment) keeps them in their own mappings, returned when freed, and
+/// a trim threshold of 512 kB (the adjusted one reaches 64 MB) returns a
+/// freed arena top. With the same settings given through `GLIBC_TUNABLES`,
+/// 256 clients held each node's peak 14 to 17 MB lower (README,
+/// Benchmark). Called before any thread starts.
+fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; no other thread
     // exists yet to race with it.

@@ -142,16 +142,22 @@ impl PostgresParticipant {
         let gid = gid.validated()?;
         let sql = format!("{verb} PREPARED '{gid}'");
         if let Some(conn) = self.free_branch_connection().await {
-            match conn.batch_execute(&sql).await {
-                // The server refused it, so nothing was done: again on a
-                // control connection, which runs no client statement. A
-                // branch's session-level setting (`set_config(…, false)`
-                // gets past the guard) outlives it on its connection, and
-                // one such as `role` or `statement_timeout` can make
-                // COMMIT PREPARED fail there every time.
+            let result = conn.batch_execute(&sql).await;
+            match result {
+                // Refused by the server: again on a control connection,
+                // which runs no client statement. A branch's session-level
+                // setting (`set_config(…, false)` gets past the guard)
+                // outlives it on its connection, and one such as `role` or
+                // `statement_timeout` can make COMMIT PREPARED fail there
+                // every time; that connection is closed, not reused. The
+                // retry is harmless even if the refused attempt took effect
+                // (PostgreSQL can report an error after the commit record
+                // is written): it then finds the gid gone, and the caller
+                // asks how the branch ended.
                 Err(e) if e.as_db_error().is_some() && e.code() != Some(&SqlState::UNDEFINED_OBJECT) => {
                     tracing::warn!(participant = %self.name, %gid, error = %e,
-                        "phase 2 failed on a branch connection; trying a control connection");
+                        "phase 2 failed on a branch connection; closing it and trying a control connection");
+                    drop(Object::take(conn));
                 }
                 result => return self.phase2_answer(result),
             }
