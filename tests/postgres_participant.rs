@@ -133,14 +133,19 @@ async fn a_first_statement_cut_short_leaves_no_transaction_open() {
     assert_eq!(open_transactions(&pg).await, 0, "a pooled connection was left inside a transaction");
 }
 
-/// Connections sitting inside a transaction.
-async fn open_transactions(pg: &PgServer) -> i64 {
+/// `pg`'s connections that match `condition` (on `pg_stat_activity`).
+async fn connections(pg: &PgServer, condition: &str) -> i64 {
     pg.client("accounts")
         .await
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'", &[])
+        .query_one(&format!("SELECT count(*) FROM pg_stat_activity WHERE {condition}"), &[])
         .await
         .unwrap()
         .get(0)
+}
+
+/// Connections sitting inside a transaction.
+async fn open_transactions(pg: &PgServer) -> i64 {
+    connections(pg, "state LIKE 'idle in transaction%'").await
 }
 
 /// A one-shot branch whose statements return no rows goes out in one write
@@ -274,17 +279,6 @@ async fn rollback_prepared_and_a_hand_resolved_branch() {
     assert_eq!(p.branch_outcome(xb).await.unwrap(), Some(false));
 }
 
-/// The participant's connections to `pg`'s `accounts` database, told
-/// apart by their application name.
-async fn participant_connections(pg: &PgServer, application: &str) -> i64 {
-    pg.client("accounts")
-        .await
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", &[&application])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// COMMIT PREPARED runs on a free branch connection (the one the branch
 /// just handed back), so that a transaction at a time needs one connection
 /// per database, not two.
@@ -301,7 +295,8 @@ async fn phase_two_runs_on_a_free_branch_connection() {
         assert_eq!(p.commit_prepared(&g).await.unwrap(), Phase2::Done);
     }
     assert_eq!(balance(&pg, 8).await, 95);
-    assert_eq!(participant_connections(&pg, "phase_two").await, 1);
+    // The participant's connections, told apart by their application name.
+    assert_eq!(connections(&pg, "application_name = 'phase_two'").await, 1);
 }
 
 /// With every branch connection held by a branch that waits on a prepared
