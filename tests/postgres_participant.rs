@@ -331,28 +331,121 @@ async fn phase_two_does_not_wait_on_branches_that_wait_on_its_locks() {
     assert_eq!(balance(&pg, 9).await, 50);
 }
 
-/// A branch's session-level setting outlives it on its connection; one that
-/// makes COMMIT PREPARED fail there (here the role, which may not finish
-/// another user's prepared transaction) sends phase 2 to a control
-/// connection instead.
+/// What a branch's statements set on their session (here through
+/// `set_config(…, false)`, which the guard does not see) ends with the
+/// branch: the next branch on the same pooled connection runs with the
+/// connection's own settings, whether the first branch went through the
+/// one-at-a-time path or the pipelined one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn phase_two_on_a_branch_connection_a_client_changed_goes_to_a_control_connection() {
+async fn a_branchs_session_settings_end_with_it() {
     let (pg, _) = setup().await;
     pg.client("accounts").await.batch_execute("CREATE ROLE limited").await.unwrap();
-    let p = PostgresParticipant::new("accounts_a", &pg.url("accounts"), 1).unwrap();
+    let url = format!("{}?application_name=reset&options=-c%20lock_timeout%3D4321", pg.url("accounts"));
+    let p = PostgresParticipant::new("accounts_a", &url, 1).unwrap();
+    let session = "SELECT current_user::text, current_setting('statement_timeout'), \
+                   current_setting('search_path'), current_setting('lock_timeout')";
+    let defaults = |r: &tandem::participant::StatementResult| {
+        let text = |i: usize| match &r.rows[0][i] {
+            Value::String(t) => t.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(text(0), "postgres", "role");
+        assert_eq!(text(1), "0", "statement_timeout");
+        assert_eq!(text(2), "\"$user\", public", "search_path");
+        assert_eq!(text(3), "4321ms", "lock_timeout, from the connection's URL");
+    };
+    let change = "SELECT set_config('statement_timeout', '1234', false), set_config('search_path', 'pg_temp', \
+                  false), set_config('lock_timeout', '99', false), set_config('role', 'limited', false)";
+    // One statement at a time, then PREPARE.
     let mut a = p.begin().await.unwrap();
-    a.execute(&stmt("UPDATE balances SET balance = 40 WHERE id = 10", vec![])).await.unwrap();
+    a.execute(&stmt(change, vec![])).await.unwrap();
     let ga = gid("t40", 0);
     a.prepare(&ga).await.unwrap();
-    // The only branch connection now runs as `limited`.
+    let mut b = p.begin().await.unwrap();
+    defaults(&b.execute(&stmt(session, vec![])).await.unwrap());
+    b.rollback().await.unwrap();
+    // Pipelined: BEGIN, the statements (they return no rows), PREPARE.
+    let c = p.begin().await.unwrap();
+    let changes = [stmt(&format!("DO $$ BEGIN PERFORM {}; END $$", &change["SELECT ".len()..]), vec![])];
+    let gc = gid("t41", 0);
+    c.run_and_prepare(&changes, &gc, 1 << 20).await.unwrap();
+    let mut d = p.begin().await.unwrap();
+    defaults(&d.execute(&stmt(session, vec![])).await.unwrap());
+    // A setting made in a branch that is rolled back is undone by the
+    // rollback itself; the reset covers what was set before it.
+    d.execute(&stmt(change, vec![])).await.unwrap();
+    d.rollback().await.unwrap();
+    let mut e = p.begin().await.unwrap();
+    defaults(&e.execute(&stmt(session, vec![])).await.unwrap());
+    e.rollback().await.unwrap();
+    // Phase 2 ran on that same connection: no control connection was needed.
+    assert_eq!(p.commit_prepared(&ga).await.unwrap(), Phase2::Done);
+    assert_eq!(p.rollback_prepared(&gc).await.unwrap(), Phase2::Done);
+    assert_eq!(connections(&pg, "application_name = 'reset'").await, 1);
+}
+
+/// A prepared transaction can be finished only by its owner or a
+/// superuser. A branch that switches its role (`set_config` gets past the
+/// guard) is still prepared as the connection's user, so that phase 2,
+/// which runs as that user, can finish it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_that_switches_role_is_prepared_as_the_connections_user() {
+    let (pg, _) = setup().await;
+    pg.client("accounts")
+        .await
+        .batch_execute(
+            "CREATE ROLE app LOGIN; CREATE ROLE limited; GRANT limited TO app;
+             GRANT SELECT, UPDATE ON balances TO app, limited;",
+        )
+        .await
+        .unwrap();
+    let url = pg.url("accounts").replace("postgres@", "app@");
+    let p = PostgresParticipant::new("accounts_a", &url, 1).unwrap();
     let mut b = p.begin().await.unwrap();
     b.execute(&stmt("SELECT set_config('role', 'limited', false)", vec![])).await.unwrap();
-    let gb = gid("t41", 0);
-    b.prepare(&gb).await.unwrap();
-    assert_eq!(p.commit_prepared(&ga).await.unwrap(), Phase2::Done);
-    assert_eq!(balance(&pg, 10).await, 40);
-    assert_eq!(p.rollback_prepared(&gb).await.unwrap(), Phase2::Done);
-    assert!(p.prepared_branches(CLUSTER).await.unwrap().is_empty());
+    b.execute(&stmt("UPDATE balances SET balance = 41 WHERE id = 4", vec![])).await.unwrap();
+    let g = gid("t43", 0);
+    b.prepare(&g).await.unwrap();
+    let owner: String = pg
+        .client("accounts")
+        .await
+        .query_one("SELECT owner::text FROM pg_prepared_xacts WHERE gid = $1", &[&g.to_string()])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "app");
+    assert_eq!(p.commit_prepared(&g).await.unwrap(), Phase2::Done);
+    assert_eq!(balance(&pg, 4).await, 41);
+}
+
+/// A session-level advisory lock a branch takes survives PREPARE and
+/// ROLLBACK; it is released when the branch ends, not held for the pooled
+/// connection's life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branchs_session_advisory_locks_end_with_it() {
+    let (pg, p) = setup().await;
+    let other = pg.client("accounts").await;
+    let free = |key: i64| {
+        let other = &other;
+        async move {
+            let got: bool = other.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await.unwrap().get(0);
+            if got {
+                other.query_one("SELECT pg_advisory_unlock($1)", &[&key]).await.unwrap();
+            }
+            got
+        }
+    };
+    let mut a = p.begin().await.unwrap();
+    a.execute(&stmt("SELECT pg_advisory_lock(77)::text", vec![])).await.unwrap();
+    assert!(!free(77).await, "the branch should hold the lock");
+    let ga = gid("t42", 0);
+    a.prepare(&ga).await.unwrap();
+    assert!(free(77).await, "a prepared branch's session lock was kept");
+    let mut b = p.begin().await.unwrap();
+    b.execute(&stmt("SELECT pg_advisory_lock(78)::text", vec![])).await.unwrap();
+    b.rollback().await.unwrap();
+    assert!(free(78).await, "a rolled-back branch's session lock was kept");
+    assert_eq!(p.rollback_prepared(&ga).await.unwrap(), Phase2::Done);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,9 @@
 //! itself (or changes its characteristics) would break that, so it is
 //! refused before it reaches a participant. Savepoints are fine: they stay
 //! inside the branch. So is `SET LOCAL`; a session-level `SET` or `RESET` is
-//! refused, since it would outlive the branch on a pooled connection.
+//! refused, with an error that says to use `SET LOCAL`: it would set the
+//! branch's session, which the participant resets when the branch ends (a
+//! `set_config(…, false)` that gets past this check is undone there).
 //!
 //! Only the first statement of the text matters: statements run through the
 //! extended protocol, which refuses several commands in one request, and
@@ -28,12 +30,12 @@ pub fn refuse_transaction_control(sql: &str) -> Result<()> {
         "START" => second == "TRANSACTION",
         "PREPARE" => second == "TRANSACTION",
         "SET" if second == "TRANSACTION" || second == "SESSION" => true,
-        // A session setting would outlive the branch on a pooled connection
-        // and leak into other transactions.
+        // A branch runs on a pooled connection whose session is not the
+        // client's: the setting belongs to the branch's transaction.
         "SET" | "RESET" if second != "LOCAL" && second != "CONSTRAINTS" => {
             return Err(Error::InvalidInput(format!(
-                "statement {first} {second} changes a session setting, which would outlive the branch on a \
-                 pooled connection; use SET LOCAL"
+                "statement {first} {second} changes a session setting, but a branch's session is a pooled \
+                 connection's, reset when the branch ends; use SET LOCAL"
             )));
         }
         _ => false,

@@ -6,7 +6,7 @@
 //!   JSON lands in whatever column type the statement needs, and a value that
 //!   does not fit is PostgreSQL's clear error.
 //! - The branch reads its full transaction id (`pg_current_xact_id()`) in
-//!   the same query string as its PREPARE, just before it, which also
+//!   the same query string as its PREPARE, first, which also
 //!   proves the transaction had not failed (PREPARE of a failed
 //!   transaction rolls back silently).
 //! - A one-shot branch whose statements return no rows goes out pipelined,
@@ -16,6 +16,10 @@
 //!   256), so a statement costs one round trip. A statement whose plan a
 //!   schema change made stale fails once, and is then prepared afresh on
 //!   every connection.
+//! - A branch's session is reset (settings, role, session advisory locks)
+//!   in the same query string as its PREPARE or ROLLBACK, so that nothing a
+//!   branch set outlives it into another client's branch on the pooled
+//!   connection, and every prepared branch belongs to the connection's user.
 //! - COMMIT/ROLLBACK PREPARED run on a free branch connection, or, when
 //!   none is free at once, on a separate control connection, so that a
 //!   transaction needs one connection per database at a time, and phase 2
@@ -65,6 +69,36 @@ const CONTROL_POOL_MAX: usize = 128;
 /// Most statements a connection keeps prepared; past it, the cache starts
 /// afresh.
 const STATEMENT_CACHE_MAX: usize = 256;
+
+/// The query string that ends a branch to be prepared, one round trip: its
+/// transaction id, the session's reset, then PREPARE, preceded by BEGIN if
+/// the branch ran no statement yet. PREPARE of a failed transaction would
+/// roll it back and still succeed; but in a failed transaction the SELECT
+/// fails first, and the rest of the string is skipped.
+///
+/// The reset undoes what the branch's statements left on the pooled
+/// connection's session, which the next branch on it, whoever's it is,
+/// would inherit: the guard refuses `SET` and `RESET`, but
+/// `set_config(…, false)` in a statement or a function gets past it
+/// (`role`, `search_path`, `statement_timeout`, …), and a session-level
+/// advisory lock survives PREPARE. Settings go back to the connection's
+/// own (its URL's options, the role's and database's settings), and the
+/// user back to the connection's before PREPARE, so that the prepared
+/// transaction belongs to the user phase 2 runs as, who can then always
+/// finish it (a role the branch switched to could not be). The resets run
+/// inside the transaction and take effect when it is prepared; one that
+/// is rolled back undoes its own settings (`ROLLBACK`).
+fn end_and_prepare(begin: bool, gid: &str) -> String {
+    let begin = if begin { "BEGIN; " } else { "" };
+    format!(
+        "{begin}SELECT pg_current_xact_id()::text, pg_catalog.pg_advisory_unlock_all(); \
+         RESET SESSION AUTHORIZATION; RESET ALL; PREPARE TRANSACTION '{gid}'"
+    )
+}
+
+/// Rolls a branch back. Its settings go with its transaction; session-level
+/// advisory locks do not, and are released.
+const ROLLBACK: &str = "ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()";
 
 pub struct PostgresParticipant {
     name: String,
@@ -145,12 +179,13 @@ impl PostgresParticipant {
             let result = conn.batch_execute(&sql).await;
             match result {
                 // Refused by the server: again on a control connection,
-                // which runs no client statement. A branch's session-level
-                // setting (`set_config(…, false)` gets past the guard)
-                // outlives it on its connection, and one such as `role` or
-                // `statement_timeout` can make COMMIT PREPARED fail there
-                // every time; that connection is closed, not reused. The
-                // retry is harmless even if the refused attempt took effect
+                // which runs no client statement. Branches' session state
+                // is reset before their connection is pooled
+                // (`end_and_prepare`), and no state the reset misses that
+                // could make COMMIT PREPARED fail is known; should one be
+                // found, it would fail there every time, so that
+                // connection is closed, not reused. The retry is
+                // harmless even if the refused attempt took effect
                 // (PostgreSQL can report an error after the commit record
                 // is written): it then finds the gid gone, and the caller
                 // asks how the branch ended.
@@ -496,16 +531,10 @@ impl BranchSession for PostgresBranch {
         let gid_text = gid.validated()?;
         let p = self.participant.clone();
         let conn = self.conn()?;
-        // One round trip: the transaction id, then PREPARE. PREPARE of a
-        // failed transaction would roll it back and still succeed; but in a
-        // failed transaction the SELECT before it fails first, and the rest
-        // of the string is skipped. An error here leaves the transaction
-        // open and the drop guard closes the connection, which rolls it back.
-        let begin = if self.begun { "" } else { "BEGIN; " };
-        let messages = conn
-            .simple_query(&format!("{begin}SELECT pg_current_xact_id()::text; PREPARE TRANSACTION '{gid_text}'"))
-            .await
-            .map_err(|e| pg_error(&p, e))?;
+        // An error here leaves the transaction open and the drop guard
+        // closes the connection, which rolls it back.
+        let messages =
+            conn.simple_query(&end_and_prepare(!self.begun, &gid_text)).await.map_err(|e| pg_error(&p, e))?;
         let xid = transaction_id(&messages);
         // Out of the transaction now: the connection may go back to the pool.
         self.conn.take();
@@ -558,7 +587,7 @@ impl BranchSession for PostgresBranch {
         let refs: Vec<Vec<&(dyn ToSql + Sync)>> =
             params.iter().map(|ps| ps.iter().map(|p| p as &(dyn ToSql + Sync)).collect()).collect();
         let runs = in_order(prepared.iter().zip(&refs).map(|(p, r)| conn.execute(p, r)).collect());
-        let prepare = format!("SELECT pg_current_xact_id()::text; PREPARE TRANSACTION '{gid_text}'");
+        let prepare = end_and_prepare(false, &gid_text);
         // `biased`: polled, so queued, in this order.
         let (begun, ran, messages) =
             tokio::join!(biased; conn.batch_execute("BEGIN"), runs, conn.simple_query(&prepare));
@@ -598,7 +627,7 @@ impl BranchSession for PostgresBranch {
     async fn rollback(mut self: Box<Self>) -> Result<()> {
         // On failure the drop guard closes the connection, which rolls back.
         if self.begun {
-            self.conn()?.batch_execute("ROLLBACK").await.map_err(|e| pg_error(&self.participant, e))?;
+            self.conn()?.batch_execute(ROLLBACK).await.map_err(|e| pg_error(&self.participant, e))?;
         }
         self.conn.take();
         Ok(())
