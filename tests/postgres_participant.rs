@@ -378,6 +378,15 @@ async fn a_branchs_session_settings_end_with_it() {
     let mut e = p.begin().await.unwrap();
     defaults(&e.execute(&stmt(session, vec![])).await.unwrap());
     e.rollback().await.unwrap();
+    // A role set for the transaction only, after one the session had.
+    let mut f = p.begin().await.unwrap();
+    f.execute(&stmt("SET LOCAL role limited", vec![])).await.unwrap();
+    let gf = gid("t44", 0);
+    f.prepare(&gf).await.unwrap();
+    let mut g = p.begin().await.unwrap();
+    defaults(&g.execute(&stmt(session, vec![])).await.unwrap());
+    g.rollback().await.unwrap();
+    assert_eq!(p.rollback_prepared(&gf).await.unwrap(), Phase2::Done);
     // Phase 2 ran on that same connection: no control connection was needed.
     assert_eq!(p.commit_prepared(&ga).await.unwrap(), Phase2::Done);
     assert_eq!(p.rollback_prepared(&gc).await.unwrap(), Phase2::Done);
@@ -416,6 +425,47 @@ async fn a_branch_that_switches_role_is_prepared_as_the_connections_user() {
     assert_eq!(owner, "app");
     assert_eq!(p.commit_prepared(&g).await.unwrap(), Phase2::Done);
     assert_eq!(balance(&pg, 4).await, 41);
+}
+
+/// A connection whose user has a role set for it (`ALTER ROLE … SET
+/// role`) runs every branch, and prepares it, as that role, also after a
+/// branch switched to another: phase 2 on a control connection, which
+/// runs as that role, can finish it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_set_for_the_connections_user_stays_across_branches() {
+    let (pg, _) = setup().await;
+    pg.client("accounts")
+        .await
+        .batch_execute(
+            "CREATE ROLE app LOGIN; CREATE ROLE acting; CREATE ROLE other; GRANT acting, other TO app;
+             GRANT SELECT, UPDATE ON balances TO acting, other; ALTER ROLE app SET role = 'acting';",
+        )
+        .await
+        .unwrap();
+    let url = format!("{}?application_name=acting", pg.url("accounts").replace("postgres@", "app@"));
+    let p = PostgresParticipant::new("accounts_a", &url, 1).unwrap();
+    let mut a = p.begin().await.unwrap();
+    a.execute(&stmt("SELECT set_config('role', 'other', false)", vec![])).await.unwrap();
+    a.execute(&stmt("UPDATE balances SET balance = 42 WHERE id = 3", vec![])).await.unwrap();
+    let ga = gid("t45", 0);
+    a.prepare(&ga).await.unwrap();
+    // The only branch connection is taken, so phase 2 runs on a control
+    // connection.
+    let mut b = p.begin().await.unwrap();
+    let who = b.execute(&stmt("SELECT current_user::text", vec![])).await.unwrap();
+    assert_eq!(who.rows[0][0], Value::String("acting".into()));
+    let owner: String = pg
+        .client("accounts")
+        .await
+        .query_one("SELECT owner::text FROM pg_prepared_xacts WHERE gid = $1", &[&ga.to_string()])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "acting");
+    assert_eq!(p.commit_prepared(&ga).await.unwrap(), Phase2::Done);
+    b.rollback().await.unwrap();
+    assert_eq!(balance(&pg, 3).await, 42);
+    assert_eq!(connections(&pg, "application_name = 'acting'").await, 2);
 }
 
 /// A session-level advisory lock a branch takes survives PREPARE and

@@ -8,7 +8,10 @@
 //! inside the branch. So is `SET LOCAL`; a session-level `SET` or `RESET` is
 //! refused, with an error that says to use `SET LOCAL`: it would set the
 //! branch's session, which the participant resets when the branch ends (a
-//! `set_config(…, false)` that gets past this check is undone there).
+//! `set_config(…, false)` that gets past this check is undone there). So
+//! are the commands that act on the session and that reset does not undo:
+//! SQL-level `PREPARE`, `DEALLOCATE` (which would drop the participant's
+//! own prepared statements), `DISCARD` and `LOAD`.
 //!
 //! Only the first statement of the text matters: statements run through the
 //! extended protocol, which refuses several commands in one request, and
@@ -28,7 +31,16 @@ pub fn refuse_transaction_control(sql: &str) -> Result<()> {
         // ROLLBACK TO [SAVEPOINT] stays inside the branch.
         "ROLLBACK" => second != "TO",
         "START" => second == "TRANSACTION",
-        "PREPARE" => second == "TRANSACTION",
+        "PREPARE" if second == "TRANSACTION" => true,
+        // Session-level commands: a prepared statement, a deallocation, a
+        // discarded plan cache or a loaded library would act on a pooled
+        // connection, shared with other clients' branches, past this one.
+        "PREPARE" | "DEALLOCATE" | "DISCARD" | "LOAD" => {
+            return Err(Error::InvalidInput(format!(
+                "statement {first} acts on the session of a pooled connection, which later branches of other \
+                 transactions share; a branch may send only statements of its own transaction"
+            )));
+        }
         "SET" if second == "TRANSACTION" || second == "SESSION" => true,
         // A branch runs on a pooled connection whose session is not the
         // client's: the setting belongs to the branch's transaction.
@@ -129,8 +141,18 @@ mod tests {
     }
 
     #[test]
-    fn session_settings_are_refused() {
-        for sql in ["SET search_path TO app", "set statement_timeout = 0", "RESET ALL", "SET SESSION foo = 1"] {
+    fn session_settings_and_commands_are_refused() {
+        for sql in [
+            "SET search_path TO app",
+            "set statement_timeout = 0",
+            "RESET ALL",
+            "SET SESSION foo = 1",
+            "PREPARE q AS SELECT 1",
+            "DEALLOCATE ALL",
+            "deallocate prepare s0",
+            "DISCARD PLANS",
+            "LOAD 'auto_explain'",
+        ] {
             let err = refuse_transaction_control(sql).unwrap_err();
             assert!(matches!(err, Error::InvalidInput(_)), "{sql:?}");
         }
@@ -145,7 +167,7 @@ mod tests {
             "ROLLBACK TO SAVEPOINT s1",
             "rollback to s1",
             "RELEASE SAVEPOINT s1",
-            "PREPARE q AS SELECT 1",
+            "EXECUTE q",
             "SET LOCAL statement_timeout = '1s'",
             "set constraints all deferred",
             "WITH x AS (SELECT 1) SELECT * FROM x",

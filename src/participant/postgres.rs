@@ -17,9 +17,10 @@
 //!   schema change made stale fails once, and is then prepared afresh on
 //!   every connection.
 //! - A branch's session is reset (settings, role, session advisory locks)
-//!   in the same query string as its PREPARE or ROLLBACK, so that nothing a
-//!   branch set outlives it into another client's branch on the pooled
-//!   connection, and every prepared branch belongs to the connection's user.
+//!   in the same query string as its PREPARE or ROLLBACK, so that no
+//!   setting, role or advisory lock a branch left outlives it into another
+//!   client's branch on the pooled connection, and every prepared branch
+//!   belongs to the connection's own user and role.
 //! - COMMIT/ROLLBACK PREPARED run on a free branch connection, or, when
 //!   none is free at once, on a separate control connection, so that a
 //!   transaction needs one connection per database at a time, and phase 2
@@ -83,15 +84,20 @@ const STATEMENT_CACHE_MAX: usize = 256;
 /// (`role`, `search_path`, `statement_timeout`, …), and a session-level
 /// advisory lock survives PREPARE. Settings go back to the connection's
 /// own (its URL's options, the role's and database's settings), and the
-/// user back to the connection's before PREPARE, so that the prepared
-/// transaction belongs to the user phase 2 runs as, who can then always
-/// finish it (a role the branch switched to could not be). The resets run
+/// user and role back to the connection's before PREPARE (`RESET ALL`
+/// leaves `role` alone; `RESET SESSION AUTHORIZATION` puts back the
+/// connection's own, one set for its user with `ALTER ROLE … SET role`
+/// included), so that the prepared transaction belongs to the
+/// role phase 2 runs as on any of the participant's connections, who can
+/// then finish it (a role the branch switched to could not). The
+/// transaction id is read with every name qualified, so that no function
+/// the branch created on its `search_path` stands in. The resets run
 /// inside the transaction and take effect when it is prepared; one that
 /// is rolled back undoes its own settings (`ROLLBACK`).
 fn end_and_prepare(begin: bool, gid: &str) -> String {
     let begin = if begin { "BEGIN; " } else { "" };
     format!(
-        "{begin}SELECT pg_current_xact_id()::text, pg_catalog.pg_advisory_unlock_all(); \
+        "{begin}SELECT pg_catalog.pg_current_xact_id()::pg_catalog.text, pg_catalog.pg_advisory_unlock_all(); \
          RESET SESSION AUTHORIZATION; RESET ALL; PREPARE TRANSACTION '{gid}'"
     )
 }
