@@ -393,6 +393,16 @@ async fn a_branchs_session_settings_end_with_it() {
     assert_eq!(connections(&pg, "application_name = 'reset'").await, 1);
 }
 
+/// The role that owns the prepared transaction `gid`.
+async fn owner(pg: &PgServer, gid: &Gid) -> String {
+    pg.client("accounts")
+        .await
+        .query_one("SELECT owner::text FROM pg_prepared_xacts WHERE gid = $1", &[&gid.to_string()])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// A prepared transaction can be finished only by its owner or a
 /// superuser. A branch that switches its role (`set_config` gets past the
 /// guard) is still prepared as the connection's user, so that phase 2,
@@ -415,14 +425,7 @@ async fn a_branch_that_switches_role_is_prepared_as_the_connections_user() {
     b.execute(&stmt("UPDATE balances SET balance = 41 WHERE id = 4", vec![])).await.unwrap();
     let g = gid("t43", 0);
     b.prepare(&g).await.unwrap();
-    let owner: String = pg
-        .client("accounts")
-        .await
-        .query_one("SELECT owner::text FROM pg_prepared_xacts WHERE gid = $1", &[&g.to_string()])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(owner, "app");
+    assert_eq!(owner(&pg, &g).await, "app");
     assert_eq!(p.commit_prepared(&g).await.unwrap(), Phase2::Done);
     assert_eq!(balance(&pg, 4).await, 41);
 }
@@ -454,14 +457,7 @@ async fn a_role_set_for_the_connections_user_stays_across_branches() {
     let mut b = p.begin().await.unwrap();
     let who = b.execute(&stmt("SELECT current_user::text", vec![])).await.unwrap();
     assert_eq!(who.rows[0][0], Value::String("acting".into()));
-    let owner: String = pg
-        .client("accounts")
-        .await
-        .query_one("SELECT owner::text FROM pg_prepared_xacts WHERE gid = $1", &[&ga.to_string()])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(owner, "acting");
+    assert_eq!(owner(&pg, &ga).await, "acting");
     assert_eq!(p.commit_prepared(&ga).await.unwrap(), Phase2::Done);
     b.rollback().await.unwrap();
     assert_eq!(balance(&pg, 3).await, 42);
