@@ -18,7 +18,9 @@
 //!   snapshot covers a stretch of log, openraft purges that stretch, so disk
 //!   use stays bounded.
 //! - [`network`]: node-to-node RPC (vote, append, snapshot) over tonic, one
-//!   cached channel per peer; [`service`] is the server side.
+//!   cached channel per peer; [`service`] is the server side. Replication
+//!   runs over a long-lived stream per follower, so that an entry goes out
+//!   while the answers to earlier ones are on their way.
 //!
 //! # Why apply must be deterministic
 //!

@@ -2,18 +2,26 @@
 //!
 //! Each message is openraft's own serde type, encoded as JSON inside a
 //! `RaftPayload` (see `proto/tandem/v1/raft.proto`); the answer is the
-//! receiving node's `Result`, encoded the same way. A snapshot travels as a
-//! stream of chunks. One tonic channel per peer is kept in [`PeerChannels`]
+//! receiving node's `Result`, encoded the same way. Replication (entries and
+//! heartbeats) travels over a stream of such requests, answered in order; a
+//! snapshot as a stream of chunks. One tonic channel per peer is kept in [`PeerChannels`]
 //! and shared by every openraft client of that peer (HTTP/2 multiplexes
 //! them), and by request forwarding in the server.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
+use std::time::Instant;
 
+use futures::Stream;
 use openraft::AnyError;
+use openraft::OptionalSend;
+use openraft::base::BoxFuture;
+use openraft::base::BoxStream;
+use openraft::errors::Fatal;
 use openraft::errors::NetworkError;
 use openraft::errors::RPCError;
 use openraft::errors::RaftError;
@@ -26,12 +34,14 @@ use openraft::network::v2::RaftNetworkV2;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendResult;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use openraft::type_config::alias::SnapshotOf;
 use openraft::type_config::alias::VoteOf;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio_stream::StreamExt;
 use tonic::metadata::Ascii;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -177,6 +187,59 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await
     }
 
+    /// Replication over one gRPC stream: each request goes out as openraft
+    /// produces it, without waiting for the answers to earlier ones (the
+    /// default sends one and waits). A request unanswered for `hard_ttl`
+    /// (the deadline a single call had) ends the stream with an error;
+    /// openraft then opens a new one. The stream's own lifetime is not
+    /// limited.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let ttl = option.hard_ttl();
+            // When each request still unanswered went out, oldest first.
+            let unanswered = Arc::new(Mutex::new(VecDeque::new()));
+            let sent = unanswered.clone();
+            let requests = input.map_while(move |rpc| match encode(&rpc) {
+                Ok(payload) => {
+                    sent.lock().expect("unanswered lock").push_back(Instant::now());
+                    Some(payload)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "an AppendEntries request could not be encoded; ending the stream");
+                    None
+                }
+            });
+            let mut request = tonic::Request::new(requests);
+            request.metadata_mut().insert(CLUSTER_ID_KEY, self.cluster_id.clone());
+            let mut client = self.client()?;
+            let addr = self.addr.clone();
+            let opened = tokio::time::timeout(ttl, client.append_stream(request))
+                .await
+                .map_err(|_| {
+                    RPCError::Network(network_error(format!("{addr}: no answer to opening a stream in {ttl:?}")))
+                })?
+                .map_err(|s| status_error(&addr, s))?;
+            let answers = Answers { answers: opened.into_inner(), unanswered, ttl, addr, target: self.target };
+            let answers = futures::stream::unfold(Some(answers), |answers| async move {
+                let mut answers = answers?;
+                let next = answers.next().await?;
+                let keep = next.is_ok().then_some(answers);
+                Some((next, keep))
+            });
+            Ok(Box::pin(answers) as BoxStream<'s, _>)
+        })
+    }
+
     async fn vote(
         &mut self,
         rpc: VoteRequest<TypeConfig>,
@@ -230,6 +293,53 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     }
 }
 
+/// The follower's side of a replication stream, as openraft reads it.
+struct Answers {
+    answers: tonic::Streaming<RaftPayload>,
+    unanswered: Arc<Mutex<VecDeque<Instant>>>,
+    ttl: Duration,
+    addr: String,
+    target: NodeId,
+}
+
+impl Answers {
+    /// The next answer; `None` when the follower ends the stream. While
+    /// requests are unanswered, the oldest may wait `ttl`; an idle stream
+    /// waits for as long as it is idle.
+    async fn next(&mut self) -> Option<Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>> {
+        loop {
+            let message = match tokio::time::timeout(self.ttl, self.answers.message()).await {
+                Ok(message) => message,
+                Err(_) => {
+                    let oldest = self.unanswered.lock().expect("unanswered lock").front().copied();
+                    match oldest {
+                        Some(sent) if sent.elapsed() >= self.ttl => {
+                            let e = format!(
+                                "{}: an AppendEntries request unanswered after {:?}",
+                                self.addr,
+                                sent.elapsed()
+                            );
+                            return Some(Err(RPCError::Network(network_error(e))));
+                        }
+                        _ => continue,
+                    }
+                }
+            };
+            let payload = match message {
+                Ok(Some(payload)) => payload,
+                Ok(None) => return None,
+                Err(status) => return Some(Err(status_error(&self.addr, status))),
+            };
+            self.unanswered.lock().expect("unanswered lock").pop_front();
+            let answer: Result<StreamAppendResult<TypeConfig>, Fatal<TypeConfig>> = match decode(&payload) {
+                Ok(answer) => answer,
+                Err(e) => return Some(Err(RPCError::Network(e))),
+            };
+            return Some(answer.map_err(|e| RPCError::Network(network_error(format!("node {}: {e}", self.target)))));
+        }
+    }
+}
+
 /// A snapshot file as a stream of chunks, read a chunk at a time; the first
 /// carries `header`. A read error ends the stream early, and the receiver
 /// refuses the file it got (it lacks its trailer).
@@ -253,4 +363,95 @@ fn chunks(file: tokio::fs::File, header: Vec<u8>) -> impl futures::Stream<Item =
         let chunk = SnapshotChunk { header, data };
         Some((chunk, if last { None } else { Some((file, Vec::new())) }))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+
+    use openraft::Vote;
+    use tokio::net::TcpListener;
+    use tonic::Request;
+    use tonic::Response;
+    use tonic::Status;
+    use tonic::Streaming;
+
+    use super::*;
+    use crate::proto::raft_server;
+
+    /// A peer that takes replication streams and never answers, as a
+    /// stopped process would.
+    struct Silent;
+
+    type Answers = Pin<Box<dyn Stream<Item = std::result::Result<RaftPayload, Status>> + Send + 'static>>;
+
+    #[tonic::async_trait]
+    impl raft_server::Raft for Silent {
+        type AppendStreamStream = Answers;
+
+        async fn append_stream(
+            &self,
+            request: Request<Streaming<RaftPayload>>,
+        ) -> std::result::Result<Response<Answers>, Status> {
+            // Reads the requests (keeping the stream open) and answers none.
+            let mut requests = request.into_inner();
+            tokio::spawn(async move { while let Some(Ok(_)) = requests.next().await {} });
+            Ok(Response::new(Box::pin(futures::stream::pending())))
+        }
+
+        async fn append_entries(&self, _: Request<RaftPayload>) -> std::result::Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("silent"))
+        }
+
+        async fn vote(&self, _: Request<RaftPayload>) -> std::result::Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("silent"))
+        }
+
+        async fn pre_vote(&self, _: Request<RaftPayload>) -> std::result::Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("silent"))
+        }
+
+        async fn install_snapshot(
+            &self,
+            _: Request<Streaming<SnapshotChunk>>,
+        ) -> std::result::Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("silent"))
+        }
+    }
+
+    async fn silent_peer() -> PeerClient {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(raft_server::RaftServer::new(Silent))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut factory = NetworkFactory::new(PeerChannels::default(), "test").unwrap();
+        factory.new_client(2, &Node::new(addr)).await
+    }
+
+    fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest { vote: Vote::new(1, 1), prev_log_id: None, leader_commit: None, entries: vec![] }
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_append_ends_the_stream_with_an_error() {
+        let mut peer = silent_peer().await;
+        let requests = futures::stream::iter([heartbeat()]).chain(futures::stream::pending());
+        let option = RPCOption::new(Duration::from_millis(300));
+        let mut answers = peer.stream_append(Box::pin(requests), option).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(30), answers.next()).await.expect("an answer or an error");
+        assert!(matches!(first, Some(Err(RPCError::Network(_)))), "{first:?}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_stays_open() {
+        let mut peer = silent_peer().await;
+        let option = RPCOption::new(Duration::from_millis(100));
+        let mut answers = peer.stream_append(Box::pin(futures::stream::pending()), option).await.unwrap();
+        // Ten deadlines pass with nothing sent: nothing to answer, no error.
+        let waited = tokio::time::timeout(Duration::from_secs(1), answers.next()).await;
+        assert!(waited.is_err(), "{waited:?}");
+    }
 }

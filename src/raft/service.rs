@@ -66,8 +66,36 @@ fn reply<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
     Ok(Response::new(RaftPayload { data }))
 }
 
+/// Answers to a stream of AppendEntries requests, in order.
+type AppendAnswers = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftPayload, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
+    type AppendStreamStream = AppendAnswers;
+
+    /// Hands the requests to openraft as they arrive; it answers each once
+    /// its entries are on disk, in order, while later requests are already
+    /// being written. A message that cannot be read ends the stream after
+    /// the answers before it; the leader then opens a new one.
+    async fn append_stream(&self, request: Request<Streaming<RaftPayload>>) -> Result<Response<AppendAnswers>, Status> {
+        self.check_cluster(&request)?;
+        let requests = request.into_inner().map_while(|message| match message {
+            Ok(payload) => serde_json::from_slice(&payload.data)
+                .inspect_err(|e| tracing::warn!(error = %e, "undecodable Raft message; ending the replication stream"))
+                .ok(),
+            // The leader went away or dropped the stream.
+            Err(status) => {
+                tracing::debug!(%status, "replication stream ended by the sender");
+                None
+            }
+        });
+        let answers = self.raft.stream_append(requests).map(|answer| {
+            let data = serde_json::to_vec(&answer).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(RaftPayload { data })
+        });
+        Ok(Response::new(Box::pin(answers)))
+    }
+
     async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.check_cluster(&request)?;
         let rpc = decode(&request.get_ref().data)?;
