@@ -2,9 +2,9 @@
 //!
 //! Each message is openraft's own serde type, encoded as JSON inside a
 //! `RaftPayload` (see `proto/tandem/v1/raft.proto`); the answer is the
-//! receiving node's `Result`, encoded the same way. Replication (entries and
-//! heartbeats) travels over a stream of such requests, answered in order; a
-//! snapshot as a stream of chunks. One tonic channel per peer is kept in [`PeerChannels`]
+//! receiving node's `Result`, encoded the same way. Replication travels over
+//! a long-lived stream of such requests per follower, answered in order
+//! (each heartbeat is a stream of one); a snapshot as a stream of chunks. One tonic channel per peer is kept in [`PeerChannels`]
 //! and shared by every openraft client of that peer (HTTP/2 multiplexes
 //! them), and by request forwarding in the server.
 
@@ -189,10 +189,14 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
 
     /// Replication over one gRPC stream: each request goes out as openraft
     /// produces it, without waiting for the answers to earlier ones (the
-    /// default sends one and waits). A request unanswered for `hard_ttl`
-    /// (the deadline a single call had) ends the stream with an error;
-    /// openraft then opens a new one. The stream's own lifetime is not
-    /// limited.
+    /// default sends one and waits). A request unanswered `hard_ttl` after
+    /// it went out ends the stream with an error, and openraft opens a new
+    /// one. That is the deadline a single call had (the heartbeat
+    /// interval); openraft suggests the shorter `soft_ttl`, but an error
+    /// here drops every request in flight, to be sent again to a follower
+    /// that is slow already, so a shorter deadline would cost more on a
+    /// brief fsync stall. The stream's own lifetime is not limited.
+    /// Heartbeats come here too, each a stream of one request.
     fn stream_append<'s, S>(
         &'s mut self,
         input: S,
@@ -209,7 +213,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             // When each request still unanswered went out, oldest first.
             let unanswered = Arc::new(Mutex::new(VecDeque::new()));
             let sent = unanswered.clone();
-            let requests = input.map_while(move |rpc| match encode(&rpc) {
+            // The request side ends when the answers are dropped: HTTP/2
+            // would otherwise go on sending (and polling openraft's request
+            // stream, which the next stream to this peer needs) after
+            // openraft has given up on this one.
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let requests = futures::StreamExt::take_until(input, stopped).map_while(move |rpc| match encode(&rpc) {
                 Ok(payload) => {
                     sent.lock().expect("unanswered lock").push_back(Instant::now());
                     Some(payload)
@@ -229,7 +238,8 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                     RPCError::Network(network_error(format!("{addr}: no answer to opening a stream in {ttl:?}")))
                 })?
                 .map_err(|s| status_error(&addr, s))?;
-            let answers = Answers { answers: opened.into_inner(), unanswered, ttl, addr, target: self.target };
+            let answers =
+                Answers { answers: opened.into_inner(), unanswered, ttl, addr, target: self.target, _stop: stop };
             let answers = futures::stream::unfold(Some(answers), |answers| async move {
                 let mut answers = answers?;
                 let next = answers.next().await?;
@@ -300,17 +310,22 @@ struct Answers {
     ttl: Duration,
     addr: String,
     target: NodeId,
+    /// Dropped with the answers, it ends the requests.
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Answers {
     /// The next answer; `None` when the follower ends the stream. While
-    /// requests are unanswered, the oldest may wait `ttl`; an idle stream
-    /// waits for as long as it is idle.
+    /// requests are unanswered, the oldest may wait `ttl` from when it went
+    /// out; an idle stream waits for as long as it is idle.
     async fn next(&mut self) -> Option<Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>> {
         loop {
-            let message = match tokio::time::timeout(self.ttl, self.answers.message()).await {
+            let oldest = self.unanswered.lock().expect("unanswered lock").front().copied();
+            let wait = oldest.map_or(self.ttl, |sent| (sent + self.ttl).saturating_duration_since(Instant::now()));
+            let message = match tokio::time::timeout(wait, self.answers.message()).await {
                 Ok(message) => message,
                 Err(_) => {
+                    // A request sent during the wait may be the oldest now.
                     let oldest = self.unanswered.lock().expect("unanswered lock").front().copied();
                     match oldest {
                         Some(sent) if sent.elapsed() >= self.ttl => {
@@ -381,7 +396,11 @@ mod tests {
 
     /// A peer that takes replication streams and never answers, as a
     /// stopped process would.
-    struct Silent;
+    #[derive(Default)]
+    struct Silent {
+        /// Told when a stream's requests end.
+        ended: Arc<tokio::sync::Notify>,
+    }
 
     type Answers = Pin<Box<dyn Stream<Item = std::result::Result<RaftPayload, Status>> + Send + 'static>>;
 
@@ -395,7 +414,11 @@ mod tests {
         ) -> std::result::Result<Response<Answers>, Status> {
             // Reads the requests (keeping the stream open) and answers none.
             let mut requests = request.into_inner();
-            tokio::spawn(async move { while let Some(Ok(_)) = requests.next().await {} });
+            let ended = self.ended.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(_)) = requests.next().await {}
+                ended.notify_one();
+            });
             Ok(Response::new(Box::pin(futures::stream::pending())))
         }
 
@@ -419,12 +442,56 @@ mod tests {
         }
     }
 
+    /// A peer that answers every request at once, as a follower with
+    /// nothing to write would.
+    struct Echo;
+
+    #[tonic::async_trait]
+    impl raft_server::Raft for Echo {
+        type AppendStreamStream = Answers;
+
+        async fn append_stream(
+            &self,
+            request: Request<Streaming<RaftPayload>>,
+        ) -> std::result::Result<Response<Answers>, Status> {
+            let answers = request.into_inner().map(|request| {
+                request?;
+                let answer: std::result::Result<StreamAppendResult<TypeConfig>, Fatal<TypeConfig>> = Ok(Ok(None));
+                Ok(RaftPayload { data: serde_json::to_vec(&answer).unwrap() })
+            });
+            Ok(Response::new(Box::pin(answers)))
+        }
+
+        async fn append_entries(&self, _: Request<RaftPayload>) -> std::result::Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("echo"))
+        }
+
+        async fn vote(&self, _: Request<RaftPayload>) -> std::result::Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("echo"))
+        }
+
+        async fn pre_vote(&self, _: Request<RaftPayload>) -> std::result::Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("echo"))
+        }
+
+        async fn install_snapshot(
+            &self,
+            _: Request<Streaming<SnapshotChunk>>,
+        ) -> std::result::Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("echo"))
+        }
+    }
+
     async fn silent_peer() -> PeerClient {
+        peer(Silent::default()).await
+    }
+
+    async fn peer<R: raft_server::Raft>(service: R) -> PeerClient {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(raft_server::RaftServer::new(Silent))
+                .add_service(raft_server::RaftServer::new(service))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let mut factory = NetworkFactory::new(PeerChannels::default(), "test").unwrap();
@@ -439,7 +506,7 @@ mod tests {
     async fn an_unanswered_append_ends_the_stream_with_an_error() {
         let mut peer = silent_peer().await;
         let requests = futures::stream::iter([heartbeat()]).chain(futures::stream::pending());
-        let option = RPCOption::new(Duration::from_millis(300));
+        let option = RPCOption::new(Duration::from_secs(1));
         let mut answers = peer.stream_append(Box::pin(requests), option).await.unwrap();
         let first = tokio::time::timeout(Duration::from_secs(30), answers.next()).await.expect("an answer or an error");
         assert!(matches!(first, Some(Err(RPCError::Network(_)))), "{first:?}");
@@ -448,10 +515,42 @@ mod tests {
     #[tokio::test]
     async fn an_idle_stream_stays_open() {
         let mut peer = silent_peer().await;
-        let option = RPCOption::new(Duration::from_millis(100));
+        let option = RPCOption::new(Duration::from_secs(1));
         let mut answers = peer.stream_append(Box::pin(futures::stream::pending()), option).await.unwrap();
-        // Ten deadlines pass with nothing sent: nothing to answer, no error.
-        let waited = tokio::time::timeout(Duration::from_secs(1), answers.next()).await;
+        // Four deadlines pass with nothing sent: nothing to answer, no error.
+        let waited = tokio::time::timeout(Duration::from_secs(4), answers.next()).await;
         assert!(waited.is_err(), "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_answers_ends_the_requests() {
+        let silent = Silent::default();
+        let ended = silent.ended.clone();
+        let mut peer = peer(silent).await;
+        let requests = futures::stream::iter([heartbeat()]).chain(futures::stream::pending());
+        let option = RPCOption::new(Duration::from_secs(1));
+        let answers = peer.stream_append(Box::pin(requests), option).await.unwrap();
+        drop(answers);
+        // openraft's request stream would otherwise stay polled (and hold
+        // its replication state) with nobody reading the answers.
+        tokio::time::timeout(Duration::from_secs(30), ended.notified()).await.expect("the requests ended");
+    }
+
+    #[tokio::test]
+    async fn answered_requests_keep_the_stream_open() {
+        let mut peer = peer(Echo).await;
+        // Six requests, half a deadline apart: three deadlines in all, each
+        // request answered at once.
+        let requests = futures::stream::unfold(0, |n| async move {
+            if n > 0 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            (n < 6).then(|| (heartbeat(), n + 1))
+        });
+        let option = RPCOption::new(Duration::from_secs(1));
+        let answers = peer.stream_append(Box::pin(requests), option).await.unwrap();
+        let answers: Vec<_> = tokio::time::timeout(Duration::from_secs(60), answers.collect()).await.unwrap();
+        assert_eq!(answers.len(), 6, "{answers:?}");
+        assert!(answers.iter().all(|a| matches!(a, Ok(Ok(None)))), "{answers:?}");
     }
 }

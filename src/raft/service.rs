@@ -2,6 +2,8 @@
 //! them to the local Raft instance. See [`super::network`] for the encoding.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
 
 use openraft::type_config::alias::SnapshotMetaOf;
 use openraft::type_config::alias::SnapshotOf;
@@ -75,14 +77,20 @@ impl raft_server::Raft for RaftService {
 
     /// Hands the requests to openraft as they arrive; it answers each once
     /// its entries are on disk, in order, while later requests are already
-    /// being written. A message that cannot be read ends the stream after
-    /// the answers before it; the leader then opens a new one.
+    /// being written. A message that cannot be read ends the stream, after
+    /// the answers to those before it, with INVALID_ARGUMENT.
     async fn append_stream(&self, request: Request<Streaming<RaftPayload>>) -> Result<Response<AppendAnswers>, Status> {
         self.check_cluster(&request)?;
-        let requests = request.into_inner().map_while(|message| match message {
-            Ok(payload) => serde_json::from_slice(&payload.data)
-                .inspect_err(|e| tracing::warn!(error = %e, "undecodable Raft message; ending the replication stream"))
-                .ok(),
+        let undecodable = Arc::new(Mutex::new(None));
+        let seen = undecodable.clone();
+        let requests = request.into_inner().map_while(move |message| match message {
+            Ok(payload) => match serde_json::from_slice(&payload.data) {
+                Ok(rpc) => Some(rpc),
+                Err(e) => {
+                    *seen.lock().expect("undecodable lock") = Some(format!("undecodable Raft message: {e}"));
+                    None
+                }
+            },
             // The leader went away or dropped the stream.
             Err(status) => {
                 tracing::debug!(%status, "replication stream ended by the sender");
@@ -93,7 +101,9 @@ impl raft_server::Raft for RaftService {
             let data = serde_json::to_vec(&answer).map_err(|e| Status::internal(e.to_string()))?;
             Ok(RaftPayload { data })
         });
-        Ok(Response::new(Box::pin(answers)))
+        let last = futures::stream::once(async move { undecodable.lock().expect("undecodable lock").take() })
+            .filter_map(|e| e.map(|e| Err(Status::invalid_argument(e))));
+        Ok(Response::new(Box::pin(answers.chain(last))))
     }
 
     async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
