@@ -189,7 +189,9 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
 
     /// Replication over one gRPC stream: each request goes out as openraft
     /// produces it, without waiting for the answers to earlier ones (the
-    /// default sends one and waits). A request unanswered `hard_ttl` after
+    /// default sends one and waits). The stream opens when openraft first
+    /// reads the answers and its first request is ready, as the default's
+    /// first call does. A request unanswered `hard_ttl` after
     /// it went out ends the stream with an error, and openraft opens a new
     /// one. That is the deadline a single call had (the heartbeat
     /// interval); openraft suggests the shorter `soft_ttl`, but an error
@@ -208,8 +210,18 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
     {
-        Box::pin(async move {
-            let ttl = option.hard_ttl();
+        let ttl = option.hard_ttl();
+        let client = self.client();
+        let (cluster_id, addr, target) = (self.cluster_id.clone(), self.addr.clone(), self.target);
+        // Opened on the first read of the answers, as openraft's default
+        // does: openraft reads them while watching for its cancellation.
+        let opening = Box::pin(async move {
+            // The first request before the stream: producing it is where
+            // openraft waits out its backoff after a failure, so a peer
+            // that refuses connections is not called again at once.
+            let mut input = input;
+            let Some(first) = input.next().await else { return Ok(None) };
+            let input = futures::stream::iter([first]).chain(input);
             // When each request still unanswered went out, oldest first.
             let unanswered = Arc::new(Mutex::new(VecDeque::new()));
             let sent = unanswered.clone();
@@ -229,25 +241,31 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 }
             });
             let mut request = tonic::Request::new(requests);
-            request.metadata_mut().insert(CLUSTER_ID_KEY, self.cluster_id.clone());
-            let mut client = self.client()?;
-            let addr = self.addr.clone();
+            request.metadata_mut().insert(CLUSTER_ID_KEY, cluster_id);
+            let mut client = client?;
             let opened = tokio::time::timeout(ttl, client.append_stream(request))
                 .await
                 .map_err(|_| {
                     RPCError::Network(network_error(format!("{addr}: no answer to opening a stream in {ttl:?}")))
                 })?
                 .map_err(|s| status_error(&addr, s))?;
-            let answers =
-                Answers { answers: opened.into_inner(), unanswered, ttl, addr, target: self.target, _stop: stop };
-            let answers = futures::stream::unfold(Some(answers), |answers| async move {
-                let mut answers = answers?;
-                let next = answers.next().await?;
-                let keep = next.is_ok().then_some(answers);
-                Some((next, keep))
-            });
-            Ok(Box::pin(answers) as BoxStream<'s, _>)
-        })
+            Ok(Some(Box::new(Answers { answers: opened.into_inner(), unanswered, ttl, addr, target, _stop: stop })))
+        });
+        let answers = futures::stream::unfold(Stage::Opening(opening), |stage| async move {
+            let mut answers = match stage {
+                Stage::Opening(opening) => match opening.await {
+                    Ok(Some(answers)) => answers,
+                    Ok(None) => return None,
+                    Err(e) => return Some((Err(e), Stage::Done)),
+                },
+                Stage::Open(answers) => answers,
+                Stage::Done => return None,
+            };
+            let next = answers.next().await?;
+            let stage = if next.is_ok() { Stage::Open(answers) } else { Stage::Done };
+            Some((next, stage))
+        });
+        Box::pin(std::future::ready(Ok(Box::pin(answers) as BoxStream<'s, _>)))
     }
 
     async fn vote(
@@ -301,6 +319,13 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             result = send => result,
         }
     }
+}
+
+/// Where a replication stream stands, as openraft reads its answers.
+enum Stage {
+    Opening(BoxFuture<'static, Result<Option<Box<Answers>>, RPCError<TypeConfig>>>),
+    Open(Box<Answers>),
+    Done,
 }
 
 /// The follower's side of a replication stream, as openraft reads it.
@@ -394,26 +419,38 @@ mod tests {
     use super::*;
     use crate::proto::raft_server;
 
-    /// A peer that takes replication streams and never answers, as a
-    /// stopped process would.
+    /// A peer that takes replication streams and either answers every
+    /// request at once, as a follower with nothing to write would, or none,
+    /// as a stopped process would.
     #[derive(Default)]
-    struct Silent {
-        /// Told when a stream's requests end.
+    struct TestPeer {
+        answers: bool,
+        /// Told when a silent stream starts and when its requests end.
+        started: Arc<tokio::sync::Notify>,
         ended: Arc<tokio::sync::Notify>,
     }
 
     type Answers = Pin<Box<dyn Stream<Item = std::result::Result<RaftPayload, Status>> + Send + 'static>>;
 
     #[tonic::async_trait]
-    impl raft_server::Raft for Silent {
+    impl raft_server::Raft for TestPeer {
         type AppendStreamStream = Answers;
 
         async fn append_stream(
             &self,
             request: Request<Streaming<RaftPayload>>,
         ) -> std::result::Result<Response<Answers>, Status> {
-            // Reads the requests (keeping the stream open) and answers none.
             let mut requests = request.into_inner();
+            if self.answers {
+                let answers = requests.map(|request| {
+                    request?;
+                    let answer: std::result::Result<StreamAppendResult<TypeConfig>, Fatal<TypeConfig>> = Ok(Ok(None));
+                    Ok(RaftPayload { data: serde_json::to_vec(&answer).unwrap() })
+                });
+                return Ok(Response::new(Box::pin(answers)));
+            }
+            // Reads the requests (keeping the stream open) and answers none.
+            self.started.notify_one();
             let ended = self.ended.clone();
             tokio::spawn(async move {
                 while let Some(Ok(_)) = requests.next().await {}
@@ -423,67 +460,27 @@ mod tests {
         }
 
         async fn append_entries(&self, _: Request<RaftPayload>) -> std::result::Result<Response<RaftPayload>, Status> {
-            Err(Status::unimplemented("silent"))
+            Err(Status::unimplemented("test peer"))
         }
 
         async fn vote(&self, _: Request<RaftPayload>) -> std::result::Result<Response<RaftPayload>, Status> {
-            Err(Status::unimplemented("silent"))
+            Err(Status::unimplemented("test peer"))
         }
 
         async fn pre_vote(&self, _: Request<RaftPayload>) -> std::result::Result<Response<RaftPayload>, Status> {
-            Err(Status::unimplemented("silent"))
+            Err(Status::unimplemented("test peer"))
         }
 
         async fn install_snapshot(
             &self,
             _: Request<Streaming<SnapshotChunk>>,
         ) -> std::result::Result<Response<RaftPayload>, Status> {
-            Err(Status::unimplemented("silent"))
-        }
-    }
-
-    /// A peer that answers every request at once, as a follower with
-    /// nothing to write would.
-    struct Echo;
-
-    #[tonic::async_trait]
-    impl raft_server::Raft for Echo {
-        type AppendStreamStream = Answers;
-
-        async fn append_stream(
-            &self,
-            request: Request<Streaming<RaftPayload>>,
-        ) -> std::result::Result<Response<Answers>, Status> {
-            let answers = request.into_inner().map(|request| {
-                request?;
-                let answer: std::result::Result<StreamAppendResult<TypeConfig>, Fatal<TypeConfig>> = Ok(Ok(None));
-                Ok(RaftPayload { data: serde_json::to_vec(&answer).unwrap() })
-            });
-            Ok(Response::new(Box::pin(answers)))
-        }
-
-        async fn append_entries(&self, _: Request<RaftPayload>) -> std::result::Result<Response<RaftPayload>, Status> {
-            Err(Status::unimplemented("echo"))
-        }
-
-        async fn vote(&self, _: Request<RaftPayload>) -> std::result::Result<Response<RaftPayload>, Status> {
-            Err(Status::unimplemented("echo"))
-        }
-
-        async fn pre_vote(&self, _: Request<RaftPayload>) -> std::result::Result<Response<RaftPayload>, Status> {
-            Err(Status::unimplemented("echo"))
-        }
-
-        async fn install_snapshot(
-            &self,
-            _: Request<Streaming<SnapshotChunk>>,
-        ) -> std::result::Result<Response<RaftPayload>, Status> {
-            Err(Status::unimplemented("echo"))
+            Err(Status::unimplemented("test peer"))
         }
     }
 
     async fn silent_peer() -> PeerClient {
-        peer(Silent::default()).await
+        peer(TestPeer::default()).await
     }
 
     async fn peer<R: raft_server::Raft>(service: R) -> PeerClient {
@@ -514,22 +511,53 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_stream_stays_open() {
-        let mut peer = silent_peer().await;
+        let mut peer = peer(TestPeer { answers: true, ..Default::default() }).await;
+        let requests = futures::stream::iter([heartbeat()]).chain(futures::stream::pending());
         let option = RPCOption::new(Duration::from_secs(1));
-        let mut answers = peer.stream_append(Box::pin(futures::stream::pending()), option).await.unwrap();
+        let mut answers = peer.stream_append(Box::pin(requests), option).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(30), answers.next()).await.expect("an answer");
+        assert!(matches!(first, Some(Ok(Ok(None)))), "{first:?}");
         // Four deadlines pass with nothing sent: nothing to answer, no error.
         let waited = tokio::time::timeout(Duration::from_secs(4), answers.next()).await;
         assert!(waited.is_err(), "{waited:?}");
     }
 
     #[tokio::test]
+    async fn nothing_connects_before_the_first_request() {
+        // openraft waits out its backoff while it makes a request: a stream
+        // opened before it has one would call a failing peer at once.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        let mut factory = NetworkFactory::new(PeerChannels::default(), "test").unwrap();
+        let mut peer = factory.new_client(2, &Node::new(addr)).await;
+        let option = RPCOption::new(Duration::from_secs(1));
+        let mut answers = peer.stream_append(Box::pin(futures::stream::pending()), option).await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(2), answers.next()).await;
+        assert!(waited.is_err(), "{waited:?}");
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
     async fn dropping_the_answers_ends_the_requests() {
-        let silent = Silent::default();
-        let ended = silent.ended.clone();
+        let silent = TestPeer::default();
+        let (started, ended) = (silent.started.clone(), silent.ended.clone());
         let mut peer = peer(silent).await;
         let requests = futures::stream::iter([heartbeat()]).chain(futures::stream::pending());
-        let option = RPCOption::new(Duration::from_secs(1));
-        let answers = peer.stream_append(Box::pin(requests), option).await.unwrap();
+        let option = RPCOption::new(Duration::from_secs(60));
+        let mut answers = peer.stream_append(Box::pin(requests), option).await.unwrap();
+        // Reading the answers opens the stream.
+        tokio::select! {
+            _ = started.notified() => {}
+            answer = answers.next() => panic!("the silent peer answered: {answer:?}"),
+        }
         drop(answers);
         // openraft's request stream would otherwise stay polled (and hold
         // its replication state) with nobody reading the answers.
@@ -538,7 +566,7 @@ mod tests {
 
     #[tokio::test]
     async fn answered_requests_keep_the_stream_open() {
-        let mut peer = peer(Echo).await;
+        let mut peer = peer(TestPeer { answers: true, ..Default::default() }).await;
         // Six requests, half a deadline apart: three deadlines in all, each
         // request answered at once.
         let requests = futures::stream::unfold(0, |n| async move {
