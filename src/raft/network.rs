@@ -4,9 +4,10 @@
 //! `RaftPayload` (see `proto/tandem/v1/raft.proto`); the answer is the
 //! receiving node's `Result`, encoded the same way. Replication travels over
 //! a long-lived stream of such requests per follower, answered in order
-//! (each heartbeat is a stream of one); a snapshot as a stream of chunks. One tonic channel per peer is kept in [`PeerChannels`]
-//! and shared by every openraft client of that peer (HTTP/2 multiplexes
-//! them), and by request forwarding in the server.
+//! (each heartbeat is a stream of one); a snapshot as a stream of chunks.
+//! One tonic channel per peer is kept in [`PeerChannels`] and shared by
+//! every openraft client of that peer (HTTP/2 multiplexes them), and by
+//! request forwarding in the server.
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -191,14 +192,14 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     /// produces it, without waiting for the answers to earlier ones (the
     /// default sends one and waits). The stream opens when openraft first
     /// reads the answers and its first request is ready, as the default's
-    /// first call does. A request unanswered `hard_ttl` after
-    /// it went out ends the stream with an error, and openraft opens a new
-    /// one. That is the deadline a single call had (the heartbeat
-    /// interval); openraft suggests the shorter `soft_ttl`, but an error
-    /// here drops every request in flight, to be sent again to a follower
-    /// that is slow already, so a shorter deadline would cost more on a
-    /// brief fsync stall. The stream's own lifetime is not limited.
-    /// Heartbeats come here too, each a stream of one request.
+    /// first call does. A request unanswered `hard_ttl` after it went out
+    /// ends the stream with an error, and openraft opens a new one. That is
+    /// the deadline a single call had (the heartbeat interval); openraft
+    /// suggests the shorter `soft_ttl`, but an error here drops every
+    /// request in flight, to be sent again to a follower that is slow
+    /// already, so a shorter deadline would cost more on a brief fsync
+    /// stall. The stream's own lifetime is not limited. Heartbeats come
+    /// here too, each a stream of one request.
     fn stream_append<'s, S>(
         &'s mut self,
         input: S,
