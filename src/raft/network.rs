@@ -492,6 +492,10 @@ mod tests {
                 .add_service(raft_server::RaftServer::new(service))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
+        client_of(addr).await
+    }
+
+    async fn client_of(addr: String) -> PeerClient {
         let mut factory = NetworkFactory::new(PeerChannels::default(), "test").unwrap();
         factory.new_client(2, &Node::new(addr)).await
     }
@@ -537,8 +541,7 @@ mod tests {
                 drop(socket);
             }
         });
-        let mut factory = NetworkFactory::new(PeerChannels::default(), "test").unwrap();
-        let mut peer = factory.new_client(2, &Node::new(addr)).await;
+        let mut peer = client_of(addr).await;
         let option = RPCOption::new(Duration::from_secs(1));
         let mut answers = peer.stream_append(Box::pin(futures::stream::pending()), option).await.unwrap();
         let waited = tokio::time::timeout(Duration::from_secs(2), answers.next()).await;

@@ -63,9 +63,13 @@ fn internal(e: std::io::Error) -> Status {
     Status::internal(format!("receiving the snapshot: {e}"))
 }
 
-fn reply<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
+fn encode<T: Serialize>(value: &T) -> Result<RaftPayload, Status> {
     let data = serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(Response::new(RaftPayload { data }))
+    Ok(RaftPayload { data })
+}
+
+fn reply<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
+    encode(value).map(Response::new)
 }
 
 /// Answers to a stream of AppendEntries requests, in order.
@@ -84,10 +88,10 @@ impl raft_server::Raft for RaftService {
         let undecodable = Arc::new(Mutex::new(None));
         let seen = undecodable.clone();
         let requests = request.into_inner().map_while(move |message| match message {
-            Ok(payload) => match serde_json::from_slice(&payload.data) {
+            Ok(payload) => match decode(&payload.data) {
                 Ok(rpc) => Some(rpc),
-                Err(e) => {
-                    *seen.lock().expect("undecodable lock") = Some(format!("undecodable Raft message: {e}"));
+                Err(status) => {
+                    *seen.lock().expect("undecodable lock") = Some(status);
                     None
                 }
             },
@@ -97,12 +101,9 @@ impl raft_server::Raft for RaftService {
                 None
             }
         });
-        let answers = self.raft.stream_append(requests).map(|answer| {
-            let data = serde_json::to_vec(&answer).map_err(|e| Status::internal(e.to_string()))?;
-            Ok(RaftPayload { data })
-        });
+        let answers = self.raft.stream_append(requests).map(|answer| encode(&answer));
         let last = futures::stream::once(async move { undecodable.lock().expect("undecodable lock").take() })
-            .filter_map(|e| e.map(|e| Err(Status::invalid_argument(e))));
+            .filter_map(|status| status.map(Err));
         Ok(Response::new(Box::pin(answers.chain(last))))
     }
 
