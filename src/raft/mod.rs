@@ -263,8 +263,8 @@ pub fn open_store(dir: &Path) -> Result<(LogStore, StateMachine)> {
     // The write-ahead log reuses its spent files: an fsync after a write
     // that overwrites allocated blocks leaves the file's size alone, so it
     // needs no filesystem journal commit, and other fsyncs on the disk (the
-    // participants' databases', when they share it) were measured shorter
-    // (README, Benchmark). RocksDB honours it only under its default
+    // participants' databases', when they share it) were shorter in the
+    // traces taken (README, Benchmark). RocksDB honours it only under its default
     // point-in-time WAL recovery, which this store keeps.
     opts.set_recycle_log_file_num(2);
     // Bounded memory. Every column family gets the same small settings (a
