@@ -260,12 +260,12 @@ pub fn open_store(dir: &Path) -> Result<(LogStore, StateMachine)> {
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_keep_log_file_num(4);
-    // The write-ahead log reuses its spent files: an fsync after a write
+    // The write-ahead log reuses two spent files: an fsync after a write
     // that overwrites allocated blocks leaves the file's size alone, so it
     // needs no filesystem journal commit, and other fsyncs on the disk (the
     // participants' databases', when they share it) were shorter in the
-    // traces taken (README, Benchmark). RocksDB honours it only under its default
-    // point-in-time WAL recovery, which this store keeps.
+    // traces taken (README, Benchmark). RocksDB honours it only under its
+    // default point-in-time WAL recovery, which this store keeps.
     opts.set_recycle_log_file_num(2);
     // Bounded memory. Every column family gets the same small settings (a
     // column family left with defaults would take 64 MB memtables and its
