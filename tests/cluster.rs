@@ -97,16 +97,38 @@ async fn thousand_decisions_through_every_node_apply_identically() {
     }
     assert!(decisions >= 1000 && entries < decisions, "{decisions} decisions in {entries} entries");
 
-    // Complete some, through a follower too.
-    let mut client = cluster.client();
-    for (t, _) in acked.iter().take(100) {
-        client.complete(t).await.expect("complete");
+    // Complete 300 of them concurrently, through every node: concurrent
+    // completions share entries too, and each caller gets its own record.
+    let to_complete: Vec<TxId> = acked.keys().take(300).cloned().collect();
+    let mut handles = Vec::new();
+    for w in 0..12 {
+        let mut client = Client::pinned(&cluster.addr(1 + w as u64 % 3)).unwrap();
+        let mine: Vec<TxId> = to_complete.iter().skip(w).step_by(12).cloned().collect();
+        handles.push(tokio::spawn(async move {
+            for t in mine {
+                let record = client.complete(&t).await.expect("complete");
+                assert_eq!(record.txid, t);
+                assert!(record.completed_unix_ms.is_some(), "{t} answered incomplete");
+            }
+        }));
     }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let (mut completions, mut entries) = (0, 0);
+    for id in 1..=3 {
+        let status = cluster.status(id).await.expect("status");
+        completions += status.counters["api_completions_proposed"];
+        entries += status.counters["api_completion_entries"];
+    }
+    assert!(completions >= 300 && entries < completions, "{completions} completions in {entries} entries");
+    let unknown = txid("r", 1_000_000);
+    assert!(matches!(cluster.client().complete(&unknown).await, Err(Error::NotFound(_))));
 
     cluster.wait_converged(&[1, 2, 3]).await;
     let one = cluster.local_records(1).await;
     assert_eq!(one.len(), 1000);
-    assert_eq!(one.iter().filter(|r| r.completed_unix_ms.is_some()).count(), 100);
+    assert_eq!(one.iter().filter(|r| r.completed_unix_ms.is_some()).count(), 300);
     assert_eq!(cluster.local_records(2).await, one, "node 2 differs from node 1");
     assert_eq!(cluster.local_records(3).await, one, "node 3 differs from node 1");
     assert_has_all(&cluster, 1, &acked).await;

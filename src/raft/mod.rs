@@ -217,10 +217,10 @@ pub enum CommandResponse {
     NotFound {
         txid: TxId,
     },
-    /// How many of a batch's transactions were found (and are now
-    /// complete).
+    /// A [`Op::CompleteBatch`]'s answers, one per transaction, in order:
+    /// each `Completed` or `NotFound`, as its own `Complete` would be.
     CompletedBatch {
-        found: u64,
+        responses: Vec<CommandResponse>,
     },
     Forgotten {
         count: u64,

@@ -573,15 +573,11 @@ impl<'a> Applier<'a> {
                         reason: format!("{} completions in one entry, over {COMPLETE_BATCH_MAX}", items.len()),
                     });
                 }
-                let mut found = 0;
+                let mut responses = Vec::with_capacity(items.len());
                 for item in items {
-                    if let CommandResponse::Completed { .. } =
-                        self.complete(cmd.at_unix_ms, &item.txid, &item.heuristic)?
-                    {
-                        found += 1;
-                    }
+                    responses.push(self.complete(cmd.at_unix_ms, &item.txid, &item.heuristic)?);
                 }
-                Ok(CommandResponse::CompletedBatch { found })
+                Ok(CommandResponse::CompletedBatch { responses })
             }
             // Nothing completes after the command's own time.
             Op::Forget { before_unix_ms } => self.forget((*before_unix_ms).min(cmd.at_unix_ms)),
@@ -1133,6 +1129,30 @@ mod tests {
         assert!(f.sm.get(txid("t2")).await.unwrap().is_some());
         let r = f.one(11, Op::Decide { txid: txid("t3"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
         assert!(matches!(r, CommandResponse::Decided { won: true, .. }));
+    }
+
+    #[tokio::test]
+    async fn a_complete_batch_answers_each_completion_as_its_own_entry_would() {
+        let items: Vec<Completion> = ["t1", "nope", "t1", "t2"]
+            .into_iter()
+            .map(|t| Completion { txid: txid(t), heuristic: Vec::new() })
+            .collect();
+        let decide = |t: &str| Op::Decide { txid: txid(t), decision: commit(None), info: TxnInfo::default() };
+        let (mut alone, mut batched) = (Fixture::new(), Fixture::new());
+        let mut expected = Vec::new();
+        for f in [&mut alone, &mut batched] {
+            f.one(1, decide("t1")).await;
+            f.one(1, decide("t2")).await;
+        }
+        for item in &items {
+            expected.push(alone.one(5, Op::Complete { txid: item.txid.clone() }).await);
+        }
+        let r = batched.one(5, Op::CompleteBatch { items }).await;
+        assert_eq!(r, CommandResponse::CompletedBatch { responses: expected.clone() });
+        assert_eq!(expected[1], CommandResponse::NotFound { txid: txid("nope") });
+        // The second completion of t1 in the batch sees the first.
+        let CommandResponse::Completed { record } = &expected[2] else { panic!("{expected:?}") };
+        assert_eq!(record.completed_unix_ms, Some(5));
     }
 
     /// Determinism: the same entries give the same state however they are

@@ -32,14 +32,15 @@ impl ClusterService {
 
     /// The coordinator's counters, the Raft log's (entries and appends
     /// written, and the fsyncs that made them durable: group commit shows
-    /// as many entries per fsync), the decision batcher's (decisions per
-    /// entry), RocksDB's memory and the CPU time the process has used.
+    /// as many entries per fsync), the batchers' (decisions, and the
+    /// decision log API's completions, per entry), RocksDB's memory and the CPU time the process has used.
     fn counters(&self) -> std::collections::HashMap<String, u64> {
         let log = self.node.log_stats.snapshot();
-        let decisions = self.node.decisions.stats().snapshot();
+        let batchers =
+            self.node.decisions.stats().snapshot().into_iter().chain(self.node.completions.stats().snapshot());
         let memory = self.node.state_machine.memory();
         let cpu = [("process_cpu_us", super::process_cpu_us())];
-        let all = self.coordinator.metrics.snapshot().into_iter().chain(log).chain(decisions).chain(memory).chain(cpu);
+        let all = self.coordinator.metrics.snapshot().into_iter().chain(log).chain(batchers).chain(memory).chain(cpu);
         all.map(|(k, v)| (k.to_string(), v)).collect()
     }
 

@@ -55,11 +55,13 @@ use crate::participant::Registry;
 use crate::proto;
 use crate::raft::Command;
 use crate::raft::CommandResponse;
+use crate::raft::Completion;
 use crate::raft::DecideItem;
 use crate::raft::Op;
 use crate::raft::Raft;
 use crate::raft::StateMachine;
 use crate::raft::TypeConfig;
+use crate::raft::batcher::Batcher;
 use crate::raft::network::NetworkFactory;
 use crate::raft::network::PeerChannels;
 use crate::raft::network::RAFT_MESSAGE_BYTES_MAX;
@@ -83,7 +85,10 @@ pub struct Node {
     pub peers: PeerChannels,
     pub participants: Registry,
     /// Where this node's decisions queue to share Raft entries.
-    pub decisions: crate::raft::batcher::Batcher,
+    pub decisions: Batcher<DecideItem>,
+    /// Where the decision log API's completions queue to share Raft
+    /// entries.
+    pub completions: Batcher<Completion>,
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -111,7 +116,8 @@ impl Node {
     /// Decisions go through the batcher and may share an entry.
     pub async fn propose(&self, op: Op) -> Result<CommandResponse> {
         let result = match op {
-            Op::Decide { txid, decision, info } => self.decisions.decide(DecideItem { txid, decision, info }).await,
+            Op::Decide { txid, decision, info } => self.decisions.propose(DecideItem { txid, decision, info }).await,
+            Op::Complete { txid } => self.completions.propose(Completion { txid, heuristic: Vec::new() }).await,
             op => self.raft.client_write(Command::new(now_unix_ms(), op)).await.map(|r| r.data),
         };
         result.map_err(|e| self.write_error(e))
@@ -298,8 +304,9 @@ pub async fn start(config: NodeConfig) -> Result<Arc<Node>> {
     let participants = Registry::from_config(&config.participants)?;
     let checked = participants.clone();
     tokio::spawn(async move { checked.check_all().await });
-    let decisions = crate::raft::batcher::Batcher::start(raft.clone(), now_unix_ms);
-    Ok(Arc::new(Node { config, raft, state_machine, log_stats, peers, participants, decisions }))
+    let decisions = Batcher::start(raft.clone(), now_unix_ms);
+    let completions = Batcher::start(raft.clone(), now_unix_ms);
+    Ok(Arc::new(Node { config, raft, state_machine, log_stats, peers, participants, decisions, completions }))
 }
 
 /// Serves every gRPC service of `node` on `listener` until `shutdown`.

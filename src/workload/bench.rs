@@ -13,7 +13,8 @@
 //! - `single_db`: both accounts in database A, one local transaction (the
 //!   ceiling);
 //! - `decisions_only`: COMMIT decisions through the cluster's decision log
-//!   with no participant work.
+//!   with no participant work; each worker completes its decision once it
+//!   has the answer (its latency), before its next.
 //!
 //! The three baselines take the fewest round trips: their statements are
 //! prepared once per connection, and BEGIN, the updates and PREPARE (or
@@ -132,6 +133,10 @@ pub struct BenchResult {
     /// batcher).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decisions_per_entry: Option<f64>,
+    /// `decisions_only`: completions per Raft entry (the decision log API's
+    /// completion batcher).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completions_per_entry: Option<f64>,
     /// Modes through the cluster: the mean time of one fsync of the Raft
     /// log, over the three nodes.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -175,10 +180,11 @@ pub struct Split {
 /// The counters read from the nodes: the leader's split
 /// (`timed_commits`, `prepare_us_total`, `decide_us_total`,
 /// `phase2_us_total`), the Raft log's `log_entries_appended` and
-/// `log_fsyncs`, and the decision batcher's `decisions_proposed` and
-/// `decision_entries`, and the time the log's fsyncs took, each summed over
-/// the nodes that answer.
-const COUNTERS: [&str; 9] = [
+/// `log_fsyncs`, the decision batcher's `decisions_proposed` and
+/// `decision_entries`, the time the log's fsyncs took, and the decision log
+/// API's completion batcher's `api_completions_proposed` and
+/// `api_completion_entries`, each summed over the nodes that answer.
+const COUNTERS: [&str; 11] = [
     "timed_commits",
     "prepare_us_total",
     "decide_us_total",
@@ -188,13 +194,15 @@ const COUNTERS: [&str; 9] = [
     "decisions_proposed",
     "decision_entries",
     "log_fsync_us_total",
+    "api_completions_proposed",
+    "api_completion_entries",
 ];
 
 /// One reading of the counters and of the CPU time used so far.
 #[derive(Debug, Default)]
 struct Reading {
     /// [`COUNTERS`], each summed over the nodes that answered.
-    counters: [u64; 9],
+    counters: [u64; 11],
     /// Each node that answered: its id, whether it was the leader, the CPU
     /// time its process has used (`process_cpu_us`).
     nodes: Vec<(u64, bool, u64)>,
@@ -298,6 +306,8 @@ struct Counted {
     entries_per_fsync: Option<f64>,
     /// Decisions per Raft entry.
     decisions_per_entry: Option<f64>,
+    /// The decision log API's completions per Raft entry.
+    completions_per_entry: Option<f64>,
     /// The mean time of one fsync of the log, all nodes.
     fsync_ms: Option<f64>,
     /// CPU per transfer.
@@ -318,6 +328,7 @@ fn between(before: &Reading, after: &Reading, transfers: u64) -> Counted {
         split,
         entries_per_fsync: (d[5] > 0.0).then(|| d[4] / d[5]),
         decisions_per_entry: (d[7] > 0.0).then(|| d[6] / d[7]),
+        completions_per_entry: (d[10] > 0.0).then(|| d[9] / d[10]),
         fsync_ms: (d[5] > 0.0).then(|| d[8] / d[5] / 1000.0),
         cpu: cpu_between(before, after, transfers),
     }
@@ -425,6 +436,9 @@ pub async fn run(cfg: &BenchConfig) -> Result<Vec<BenchResult>> {
             if let Some(n) = r.decisions_per_entry {
                 eprintln!("{:<15} decisions per Raft entry: {n:.1}", "");
             }
+            if let Some(n) = r.completions_per_entry {
+                eprintln!("{:<15} completions per Raft entry: {n:.1}", "");
+            }
             if let Some(c) = r.cpu {
                 eprintln!(
                     "{:<15} CPU per transfer: leader {:.0} us, followers {:.0} us, client {:.0} us, the rest \
@@ -491,9 +505,16 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
                 let from = 1 + (rng.next_u64() % accounts as u64) as i64;
                 let to = 1 + (rng.next_u64() % accounts as u64) as i64;
                 let started = Instant::now();
-                match worker.transfer(from, to, w, n).await {
+                let result = match worker.transfer(from, to, w, n).await {
                     Ok(()) => {
-                        latencies_us.push(started.elapsed().as_micros() as u64);
+                        let answered = started.elapsed();
+                        worker.settle(n).await.map(|()| answered)
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(answered) => {
+                        latencies_us.push(answered.as_micros() as u64);
                         if done.fetch_add(1, Ordering::Relaxed) + 1 >= limit {
                             stop.store(true, Ordering::Relaxed);
                         }
@@ -553,7 +574,7 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
     let (first_window_per_s, last_window_per_s) = windows(&samples, latencies.len() as u64);
     let counted = between(&before, &after, latencies.len() as u64);
     // The cluster's counters mean nothing for the modes that do not use it.
-    let Counted { split, entries_per_fsync, decisions_per_entry, fsync_ms, cpu } =
+    let Counted { split, entries_per_fsync, decisions_per_entry, completions_per_entry, fsync_ms, cpu } =
         if through_cluster { counted } else { Counted { cpu: counted.cpu, ..Counted::default() } };
     eprint!("\r{:100}\r", "");
     latencies.sort_unstable();
@@ -578,6 +599,7 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         split,
         entries_per_fsync,
         decisions_per_entry,
+        completions_per_entry,
         fsync_ms,
         cpu,
         wal_fsyncs_per_transfer,
@@ -661,6 +683,18 @@ impl Worker {
         })
     }
 
+    /// What follows a transfer's answer before the worker's next one, off
+    /// its latency: `decisions_only` completes the decision it just had
+    /// recorded, as a coordinator does once its phase 2 is done (here there
+    /// is no participant work), so that the records do not pile up
+    /// incomplete for recovery to complete beside the load.
+    async fn settle(&mut self, n: u64) -> Result<()> {
+        match self {
+            Worker::Decisions { client, prefix } => client.complete(&decision_txid(prefix, n)?).await.map(|_| ()),
+            _ => Ok(()),
+        }
+    }
+
     async fn transfer(&mut self, from: i64, to: i64, w: usize, n: u64) -> Result<()> {
         let pg = |e: tokio_postgres::Error| crate::participant::postgres::pg_error("bench", e);
         match self {
@@ -680,12 +714,11 @@ impl Worker {
                 Ok(())
             }
             Worker::Decisions { client, prefix } => {
-                let txid = TxId::parse(&format!("{prefix}{n}"))?;
                 let decision = Decision::Commit {
                     branches: vec![Branch::new("bench_a"), Branch::new("bench_b")],
                     idempotency_key: None,
                 };
-                client.decide(&txid, &decision).await.map(|_| ())
+                client.decide(&decision_txid(prefix, n)?, &decision).await.map(|_| ())
             }
             Worker::Databases { a, b, mode: Mode::Bare2pc, .. } => {
                 let prepare = format!("PREPARE TRANSACTION 'bench_{w}_{n}'");
@@ -715,6 +748,11 @@ impl Worker {
             }
         }
     }
+}
+
+/// The txid of a `decisions_only` worker's `n`th decision.
+fn decision_txid(prefix: &str, n: u64) -> Result<TxId> {
+    TxId::parse(&format!("{prefix}{n}"))
 }
 
 /// The results as a table, with Tandem's throughput as a share of bare
@@ -857,29 +895,31 @@ mod tests {
             split: None,
             entries_per_fsync: None,
             decisions_per_entry: None,
+            completions_per_entry: None,
             fsync_ms: None,
             cpu: None,
             wal_fsyncs_per_transfer: None,
         }
     }
 
-    fn reading(counters: [u64; 9]) -> Reading {
+    fn reading(counters: [u64; 11]) -> Reading {
         Reading { counters, ..Reading::default() }
     }
 
     #[test]
     fn split_is_the_mean_between_readings() {
         let counted = between(
-            &reading([10, 1000, 2000, 3000, 50, 5, 7, 1, 100]),
-            &reading([20, 31_000, 12_000, 8000, 250, 25, 47, 11, 4100]),
+            &reading([10, 1000, 2000, 3000, 50, 5, 7, 1, 100, 0, 0]),
+            &reading([20, 31_000, 12_000, 8000, 250, 25, 47, 11, 4100, 30, 2]),
             10,
         );
         assert_eq!(counted.split, Some(Split { prepare_ms: 3.0, decide_ms: 1.0, phase2_ms: 0.5 }));
         assert_eq!(counted.entries_per_fsync, Some(10.0));
         assert_eq!(counted.decisions_per_entry, Some(4.0));
+        assert_eq!(counted.completions_per_entry, Some(15.0));
         assert_eq!(counted.fsync_ms, Some(0.2));
         assert_eq!(
-            between(&reading([5, 0, 0, 0, 0, 0, 0, 0, 0]), &reading([5, 9, 9, 9, 0, 0, 0, 0, 0]), 3),
+            between(&reading([5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), &reading([5, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0]), 3),
             Counted::default()
         );
     }
