@@ -1150,9 +1150,10 @@ mod tests {
         let r = batched.one(5, Op::CompleteBatch { items }).await;
         assert_eq!(r, CommandResponse::CompletedBatch { responses: expected.clone() });
         assert_eq!(expected[1], CommandResponse::NotFound { txid: txid("nope") });
-        // The second completion of t1 in the batch sees the first.
         let CommandResponse::Completed { record } = &expected[2] else { panic!("{expected:?}") };
         assert_eq!(record.completed_unix_ms, Some(5));
+        // Both stores hold the same records afterwards.
+        assert_eq!(alone.sm.list(None, None, 10).await.unwrap(), batched.sm.list(None, None, 10).await.unwrap());
     }
 
     /// Determinism: the same entries give the same state however they are

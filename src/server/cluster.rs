@@ -33,7 +33,8 @@ impl ClusterService {
     /// The coordinator's counters, the Raft log's (entries and appends
     /// written, and the fsyncs that made them durable: group commit shows
     /// as many entries per fsync), the batchers' (decisions, and the
-    /// decision log API's completions, per entry), RocksDB's memory and the CPU time the process has used.
+    /// decision log API's completions, per entry), RocksDB's memory and
+    /// the CPU time the process has used.
     fn counters(&self) -> std::collections::HashMap<String, u64> {
         let log = self.node.log_stats.snapshot();
         let batchers =

@@ -60,6 +60,7 @@ impl DecisionLogService {
                 Ok(pb::CompleteResponse { record: Some(convert::record_to_pb(&record)) })
             }
             CommandResponse::NotFound { txid } => Err(Error::NotFound(format!("no decision recorded for txid {txid}"))),
+            CommandResponse::Invalid { reason } => Err(Error::InvalidInput(reason)),
             other => Err(unexpected(other)),
         }
     }

@@ -113,7 +113,8 @@ impl Node {
     /// Proposes a command through Raft and waits until it is applied here.
     /// The time in the command is stamped now, on the node that proposes it,
     /// which is the leader: a follower's proposal fails with a leader hint.
-    /// Decisions go through the batcher and may share an entry.
+    /// Decisions and single completions go through their batchers and may
+    /// share an entry.
     pub async fn propose(&self, op: Op) -> Result<CommandResponse> {
         let result = match op {
             Op::Decide { txid, decision, info } => self.decisions.propose(DecideItem { txid, decision, info }).await,
