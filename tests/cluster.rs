@@ -82,19 +82,26 @@ async fn assert_has_all(cluster: &TestCluster, id: u64, acked: &BTreeMap<TxId, T
     }
 }
 
+/// The counters named, each summed over the three nodes (the leader may
+/// have changed meanwhile).
+async fn summed_counters<const N: usize>(cluster: &TestCluster, names: [&str; N]) -> [u64; N] {
+    let mut sums = [0; N];
+    for id in 1..=3 {
+        let status = cluster.status(id).await.expect("status");
+        for (sum, name) in sums.iter_mut().zip(names) {
+            *sum += status.counters[name];
+        }
+    }
+    sums
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_decisions_through_every_node_apply_identically() {
     let cluster = TestCluster::start(3, Options::default()).await;
     let acked = write_decisions(&cluster, &[1, 2, 3], "r", 1000, 12).await;
     // Concurrent decisions shared entries (the decision batcher), and each
     // writer still got its own answer (above).
-    // (Summed over the nodes: the leader may have changed meanwhile.)
-    let (mut decisions, mut entries) = (0, 0);
-    for id in 1..=3 {
-        let status = cluster.status(id).await.expect("status");
-        decisions += status.counters["decisions_proposed"];
-        entries += status.counters["decision_entries"];
-    }
+    let [decisions, entries] = summed_counters(&cluster, ["decisions_proposed", "decision_entries"]).await;
     assert!(decisions >= 1000 && entries < decisions, "{decisions} decisions in {entries} entries");
 
     // Complete 300 of them concurrently, through every node: concurrent
@@ -115,12 +122,8 @@ async fn thousand_decisions_through_every_node_apply_identically() {
     for h in handles {
         h.await.unwrap();
     }
-    let (mut completions, mut entries) = (0, 0);
-    for id in 1..=3 {
-        let status = cluster.status(id).await.expect("status");
-        completions += status.counters["api_completions_proposed"];
-        entries += status.counters["api_completion_entries"];
-    }
+    let [completions, entries] =
+        summed_counters(&cluster, ["api_completions_proposed", "api_completion_entries"]).await;
     assert!(completions >= 300 && entries < completions, "{completions} completions in {entries} entries");
     let unknown = txid("r", 1_000_000);
     assert!(matches!(cluster.client().complete(&unknown).await, Err(Error::NotFound(_))));
