@@ -51,8 +51,9 @@
 //!    applies it to its [`raft::StateMachine`]. A decision is a
 //!    compare-and-set: the first one for a txid holds, and the answer carries
 //!    the one that holds.
-//! 4. Later a `Complete` command marks phase 2 done, and after the retention
-//!    time a `Forget` command drops the record and its idempotency key.
+//! 4. Later a `Complete` command marks phase 2 done (completions that wait
+//!    together share an entry too), and after the retention time a
+//!    `Forget` command drops the record and its idempotency key.
 //!
 //! # Life of a transaction (one-shot `Transact`)
 //!

@@ -508,7 +508,7 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
                 let result = match worker.transfer(from, to, w, n).await {
                     Ok(()) => {
                         let answered = started.elapsed();
-                        worker.settle(n).await.map(|()| answered)
+                        worker.settle().await.map(|()| answered)
                     }
                     Err(e) => Err(e),
                 };
@@ -609,8 +609,18 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
 /// One worker's connections.
 enum Worker {
     Tandem(Client),
-    Databases { a: Box<Connection>, b: Box<Connection>, mode: Mode, accounts: i64 },
-    Decisions { client: Client, prefix: String },
+    Databases {
+        a: Box<Connection>,
+        b: Box<Connection>,
+        mode: Mode,
+        accounts: i64,
+    },
+    /// `decided`: the txid of the decision just recorded, until settled.
+    Decisions {
+        client: Client,
+        prefix: String,
+        decided: Option<TxId>,
+    },
 }
 
 fn int(i: i64) -> pb::Value {
@@ -672,7 +682,7 @@ impl Worker {
             Mode::DecisionsOnly => {
                 // Txids unique across runs: the clock, the worker.
                 let prefix = format!("bench{}w{w}n", crate::server::now_unix_ms());
-                Worker::Decisions { client, prefix }
+                Worker::Decisions { client, prefix, decided: None }
             }
             Mode::Bare2pc | Mode::NonAtomic | Mode::SingleDb => Worker::Databases {
                 a: Box::new(Connection::open(&cfg.a).await?),
@@ -688,9 +698,9 @@ impl Worker {
     /// recorded, as a coordinator does once its phase 2 is done (here there
     /// is no participant work), so that the records do not pile up
     /// incomplete for recovery to complete beside the load.
-    async fn settle(&mut self, n: u64) -> Result<()> {
+    async fn settle(&mut self) -> Result<()> {
         match self {
-            Worker::Decisions { client, prefix } => client.complete(&decision_txid(prefix, n)?).await.map(|_| ()),
+            Worker::Decisions { client, decided: Some(txid), .. } => client.complete(txid).await.map(|_| ()),
             _ => Ok(()),
         }
     }
@@ -713,12 +723,15 @@ impl Worker {
                 }
                 Ok(())
             }
-            Worker::Decisions { client, prefix } => {
+            Worker::Decisions { client, prefix, decided } => {
+                let txid = TxId::parse(&format!("{prefix}{n}"))?;
                 let decision = Decision::Commit {
                     branches: vec![Branch::new("bench_a"), Branch::new("bench_b")],
                     idempotency_key: None,
                 };
-                client.decide(&decision_txid(prefix, n)?, &decision).await.map(|_| ())
+                client.decide(&txid, &decision).await?;
+                *decided = Some(txid);
+                Ok(())
             }
             Worker::Databases { a, b, mode: Mode::Bare2pc, .. } => {
                 let prepare = format!("PREPARE TRANSACTION 'bench_{w}_{n}'");
@@ -748,11 +761,6 @@ impl Worker {
             }
         }
     }
-}
-
-/// The txid of a `decisions_only` worker's `n`th decision.
-fn decision_txid(prefix: &str, n: u64) -> Result<TxId> {
-    TxId::parse(&format!("{prefix}{n}"))
 }
 
 /// The results as a table, with Tandem's throughput as a share of bare
