@@ -17,13 +17,21 @@
 //! - An fsync failure poisons the store: every later append and vote fails,
 //!   openraft stops the node, and nothing is acknowledged after the failure.
 //!
+//! - The committed log id is not stored (openraft's default): storing it
+//!   cost every node a write before every apply, on the commit path, and
+//!   only let a restarted node apply its committed entries before the
+//!   leader's first message. A restarted node applies from the state
+//!   machine's own last-applied id once the leader tells it what is
+//!   committed; a new leader's recovery waits for its read barrier either
+//!   way.
+//!
 //! Where RocksDB calls run: fsyncs on the flusher thread; the calls on the
 //! commit path of every decision (the unsynced append, replication's read of
-//! the entries just appended, `save_committed`) in place, on the calling
-//! task, as each is a memtable access of microseconds and a hand-off to
-//! another thread and back costs more; everything else (vote, purge, long
-//! reads) on tokio's blocking pool. An in-place write can still wait on a
-//! RocksDB write stall; that holds one async worker while it lasts.
+//! the entries just appended) in place, on the calling task, as each is a
+//! memtable access of microseconds and a hand-off to another thread and
+//! back costs more; everything else (vote, purge, long reads) on tokio's
+//! blocking pool. An in-place write can still wait on a RocksDB write
+//! stall; that holds one async worker while it lasts.
 
 use std::fmt::Debug;
 use std::io;
@@ -58,7 +66,6 @@ use super::cf;
 type Entry = EntryOf<TypeConfig>;
 
 const KEY_VOTE: &[u8] = b"vote";
-const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 /// Most entries read in place, on the caller's task; longer reads go to the
 /// blocking pool.
@@ -317,17 +324,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> io::Result<()> {
         self.check_poisoned()?;
         self.put_meta(KEY_VOTE, vote, true).await
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> io::Result<()> {
-        // Not synced: it only lets a restarted node re-apply sooner; losing it
-        // loses nothing. In place: openraft awaits it before every apply.
-        let cf = self.db.cf_handle(cf::RAFT_META).expect("raft_meta column family");
-        self.db.put_cf(&cf, KEY_COMMITTED, encode(&committed)?).map_err(io::Error::other)
-    }
-
-    async fn read_committed(&mut self) -> io::Result<Option<LogIdOf<TypeConfig>>> {
-        Ok(self.get_meta::<Option<LogIdOf<TypeConfig>>>(KEY_COMMITTED).await?.flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
