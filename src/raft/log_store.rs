@@ -21,9 +21,9 @@
 //!   cost every node a write before every apply, on the commit path, and
 //!   only let a restarted node apply its committed entries before the
 //!   leader's first message. A restarted node applies from the state
-//!   machine's own last-applied id once the leader tells it what is
-//!   committed; a new leader's recovery waits for its read barrier either
-//!   way.
+//!   machine's own last-applied id (written in the same batch as what it
+//!   applied) once the leader tells it what is committed; a new leader's
+//!   recovery waits for its read barrier either way.
 //!
 //! Where RocksDB calls run: fsyncs on the flusher thread; the calls on the
 //! commit path of every decision (the unsynced append, replication's read of

@@ -39,7 +39,7 @@
 //! | column family | key | value |
 //! |---|---|---|
 //! | `raft_log` | log index (u64, big-endian) | entry (JSON) |
-//! | `raft_meta` | `vote`, `committed`, `last_purged` | JSON |
+//! | `raft_meta` | `vote`, `last_purged` (data from earlier versions may also hold `committed`, no longer read) | JSON |
 //! | `sm_records` | txid | [`crate::txn::TxnRecord`] (JSON) |
 //! | `sm_keys` | idempotency key | txid |
 //! | `sm_completed` | completed time (u64 BE) + txid | `k` + the record's idempotency key, or `-` |
