@@ -4,7 +4,7 @@
 # database), plus decisions alone through the log; see `tandem bench`.
 #
 #   scripts/bench.sh [--duration SECONDS] [--concurrency N,...] [--json FILE]
-#                    [--modes M,...] [--svg FILE] [--transactions N]
+#                    [--modes M,...] [--empty] [--svg FILE] [--transactions N]
 #                    [--retention-s S] [--clients-per-connection N]
 #
 # Sets everything up on free ports: two throwaway PostgreSQL servers with
@@ -20,6 +20,8 @@
 # the longest transaction timeout becomes S - 120 seconds.
 # Clients through the cluster share connections, N to one connection per
 # node (default 16, as one service's callers would); 1 gives each its own.
+# --empty measures the decision log alone (--modes decisions_only):
+# decisions through the cluster with no participant work.
 # Every 5 s each node's resident memory and data size go to
 # .tandem/bench/resources.csv; the end prints their peaks.
 #
@@ -31,21 +33,26 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 
 DURATION=10 CONCURRENCY=1,16,64,256 JSON="" SVG="" MODES=tandem,bare_2pc,non_atomic,single_db,decisions_only
-TRANSACTIONS="" RETENTION="" PER_CONNECTION=16
+TRANSACTIONS="" RETENTION="" PER_CONNECTION=16 EMPTY="" MODES_GIVEN=""
 while (($#)); do
     case "$1" in
         --duration) DURATION=$2 ;;
         --concurrency) CONCURRENCY=$2 ;;
         --json) JSON=$2 ;;
         --svg) SVG=$2 ;;
-        --modes) MODES=$2 ;;
+        --modes) MODES=$2 MODES_GIVEN=1 ;;
         --transactions) TRANSACTIONS=$2 ;;
         --retention-s) RETENTION=$2 ;;
         --clients-per-connection) PER_CONNECTION=$2 ;;
-        *) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+        --empty) EMPTY=1; shift; continue ;;
+        *) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
     esac
     shift 2
 done
+if [ -n "$EMPTY" ]; then
+    [ -z "$MODES_GIVEN" ] || { echo "--empty is --modes decisions_only; give one or the other" >&2; exit 2; }
+    MODES=decisions_only
+fi
 export TANDEM_HOME="${TANDEM_HOME:-$REPO_ROOT/.tandem/bench}"
 JSON=${JSON:-$TANDEM_HOME/results.json} SVG=${SVG:-$TANDEM_HOME/chart.svg}
 pick_port_base

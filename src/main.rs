@@ -59,6 +59,11 @@ struct BenchArgs {
     /// decisions_only.
     #[arg(long, value_delimiter = ',', default_value = "tandem,bare_2pc,non_atomic,single_db,decisions_only")]
     modes: Vec<String>,
+    /// The decision log alone: decisions through the cluster with no
+    /// participant work (`--modes decisions_only`); the databases are left
+    /// untouched.
+    #[arg(long, conflicts_with = "modes")]
+    empty: bool,
     /// Client counts, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
     concurrency: Vec<usize>,
@@ -421,7 +426,10 @@ async fn bench(args: BenchArgs) -> Result<()> {
             Error::InvalidInput(format!("{} names no participant {name:?}", args.participants.display()))
         })
     };
-    let modes = args.modes.iter().map(|m| bench::Mode::parse(m)).collect::<Result<Vec<_>>>()?;
+    let modes = match args.empty {
+        true => vec![bench::Mode::DecisionsOnly],
+        false => args.modes.iter().map(|m| bench::Mode::parse(m)).collect::<Result<Vec<_>>>()?,
+    };
     let cfg = bench::BenchConfig {
         nodes: args.nodes.nodes,
         a: find("bench_a")?,
@@ -434,8 +442,10 @@ async fn bench(args: BenchArgs) -> Result<()> {
         seed: args.seed,
         clients_per_connection: args.clients_per_connection.max(1),
     };
-    eprintln!("setting up {} accounts in bench_a and bench_b", cfg.accounts);
-    bench::setup(&cfg).await?;
+    if cfg.modes.iter().any(|m| m.touches_databases()) {
+        eprintln!("setting up {} accounts in bench_a and bench_b", cfg.accounts);
+        bench::setup(&cfg).await?;
+    }
     let results = bench::run(&cfg).await?;
     println!("{}", bench::table(&results));
     let write = |path: &PathBuf, text: String| {

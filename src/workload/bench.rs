@@ -14,7 +14,8 @@
 //!   ceiling);
 //! - `decisions_only`: COMMIT decisions through the cluster's decision log
 //!   with no participant work; each worker completes its decision once it
-//!   has the answer (its latency), before its next.
+//!   has the answer (its latency), before its next (`tandem bench
+//!   --empty` runs it alone).
 //!
 //! The three baselines take the fewest round trips: their statements are
 //! prepared once per connection, and BEGIN, the updates and PREPARE (or
@@ -80,6 +81,12 @@ impl Mode {
             Mode::SingleDb => "single_db",
             Mode::DecisionsOnly => "decisions_only",
         }
+    }
+
+    /// Whether the mode does work in the databases (all but the decision
+    /// log alone).
+    pub fn touches_databases(self) -> bool {
+        self != Mode::DecisionsOnly
     }
 }
 
@@ -489,7 +496,7 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
     let started = Instant::now();
     // decisions_only does no work in the databases; a point run to a
     // number of transfers has no middle known in advance.
-    let wal = (mode != Mode::DecisionsOnly && cfg.transactions.is_none() && cfg.duration >= WAL_POINT_MIN)
+    let wal = (mode.touches_databases() && cfg.transactions.is_none() && cfg.duration >= WAL_POINT_MIN)
         .then(|| tokio::spawn(wal_window(cfg.a.clone(), cfg.b.clone(), cfg.duration, done.clone())));
     let mut workers = Vec::with_capacity(concurrency);
     for (w, mut worker) in connected.into_iter().enumerate() {
