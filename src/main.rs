@@ -418,6 +418,15 @@ async fn run(cli: Cli, order: Vec<(&'static str, usize)>) -> Result<()> {
     }
 }
 
+/// The modes `tandem bench` runs: `--empty` is the decision log alone.
+fn bench_modes(args: &BenchArgs) -> Result<Vec<tandem::workload::bench::Mode>> {
+    use tandem::workload::bench::Mode;
+    match args.empty {
+        true => Ok(vec![Mode::DecisionsOnly]),
+        false => args.modes.iter().map(|m| Mode::parse(m)).collect(),
+    }
+}
+
 async fn bench(args: BenchArgs) -> Result<()> {
     use tandem::workload::bench;
     let participants = tandem::config::load_participants_file(&args.participants)?;
@@ -426,10 +435,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
             Error::InvalidInput(format!("{} names no participant {name:?}", args.participants.display()))
         })
     };
-    let modes = match args.empty {
-        true => vec![bench::Mode::DecisionsOnly],
-        false => args.modes.iter().map(|m| bench::Mode::parse(m)).collect::<Result<Vec<_>>>()?,
-    };
+    let modes = bench_modes(&args)?;
     let cfg = bench::BenchConfig {
         nodes: args.nodes.nodes,
         a: find("bench_a")?,
@@ -931,5 +937,37 @@ async fn log(c: LogCommand) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tandem::workload::bench::Mode;
+
+    use super::*;
+
+    fn bench_args(extra: &[&str]) -> std::result::Result<BenchArgs, clap::Error> {
+        let argv = ["tandem", "bench", "--participants", "participants.toml"].into_iter().chain(extra.iter().copied());
+        match Cli::try_parse_from(argv)?.command {
+            Command::Bench(args) => Ok(args),
+            _ => unreachable!("parsed as the bench command"),
+        }
+    }
+
+    #[test]
+    fn bench_empty_runs_the_decision_log_alone() {
+        let args = bench_args(&["--empty"]).unwrap();
+        assert_eq!(bench_modes(&args).unwrap(), vec![Mode::DecisionsOnly]);
+        assert!(!Mode::DecisionsOnly.touches_databases());
+
+        // Without it, every mode; with --modes, those.
+        assert_eq!(bench_modes(&bench_args(&[]).unwrap()).unwrap(), Mode::ALL.to_vec());
+        let args = bench_args(&["--modes", "tandem,bare_2pc"]).unwrap();
+        assert_eq!(bench_modes(&args).unwrap(), vec![Mode::Tandem, Mode::Bare2pc]);
+        assert!(args.modes.iter().all(|m| Mode::parse(m).unwrap().touches_databases()));
+
+        // The two together are refused, as is an unknown mode.
+        assert!(bench_args(&["--empty", "--modes", "tandem"]).is_err());
+        assert!(bench_modes(&bench_args(&["--modes", "tandem,nope"]).unwrap()).is_err());
     }
 }
