@@ -5,7 +5,8 @@
 #
 #   scripts/bench.sh [--duration SECONDS] [--concurrency N,...] [--json FILE]
 #                    [--modes M,...] [--empty] [--svg FILE] [--transactions N]
-#                    [--retention-s S] [--clients-per-connection N]
+#                    [--retention-s S] [--forget-interval-s S]
+#                    [--clients-per-connection N]
 #
 # Sets everything up on free ports: two throwaway PostgreSQL servers with
 # fsync on (bench_a, bench_b), the cluster with them as participants. Each
@@ -17,7 +18,9 @@
 # first 100,000's throughput with the last's). --retention-s S keeps
 # completed records S seconds (at least 130; the cluster's own files say a
 # day), so that a long run shows disk use level off once records expire;
-# the longest transaction timeout becomes S - 120 seconds.
+# the longest transaction timeout becomes S - 120 seconds, and the leader
+# forgets expired records every 10 s (--forget-interval-s; the cluster's
+# files say 60).
 # Clients through the cluster share connections, N to one connection per
 # node (default 16, as one service's callers would); 1 gives each its own.
 # --empty measures the decision log alone (--modes decisions_only):
@@ -33,7 +36,7 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 
 DURATION=10 CONCURRENCY=1,16,64,256 JSON="" SVG="" MODES=tandem,bare_2pc,non_atomic,single_db,decisions_only
-TRANSACTIONS="" RETENTION="" PER_CONNECTION=16 EMPTY="" MODES_GIVEN=""
+TRANSACTIONS="" RETENTION="" FORGET_INTERVAL=10 FORGET_GIVEN="" PER_CONNECTION=16 EMPTY="" MODES_GIVEN=""
 while (($#)); do
     case "$1" in
         --duration) DURATION=$2 ;;
@@ -43,15 +46,20 @@ while (($#)); do
         --modes) MODES=$2 MODES_GIVEN=1 ;;
         --transactions) TRANSACTIONS=$2 ;;
         --retention-s) RETENTION=$2 ;;
+        --forget-interval-s) FORGET_INTERVAL=$2 FORGET_GIVEN=1 ;;
         --clients-per-connection) PER_CONNECTION=$2 ;;
         --empty) EMPTY=1; shift; continue ;;
-        *) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+        *) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
     esac
     shift 2
 done
 if [ -n "$EMPTY" ]; then
     [ -z "$MODES_GIVEN" ] || { echo "--empty is --modes decisions_only; give one or the other" >&2; exit 2; }
     MODES=decisions_only
+fi
+if [ -n "$FORGET_GIVEN" ] && { [ -z "$RETENTION" ] || ! [[ $FORGET_INTERVAL =~ ^[1-9][0-9]*$ ]]; }; then
+    echo "--forget-interval-s takes whole seconds above 0, with --retention-s" >&2
+    exit 2
 fi
 export TANDEM_HOME="${TANDEM_HOME:-$REPO_ROOT/.tandem/bench}"
 JSON=${JSON:-$TANDEM_HOME/results.json} SVG=${SVG:-$TANDEM_HOME/chart.svg}
@@ -92,7 +100,7 @@ if [ -n "$RETENTION" ]; then
     for n in 1 2 3; do
         {
             sed -e "s/^completed_retention_s = .*/completed_retention_s = $RETENTION/" \
-                -e "s/^forget_interval_s = .*/forget_interval_s = 10/" "$REPO_ROOT/cluster/node$n.toml"
+                -e "s/^forget_interval_s = .*/forget_interval_s = $FORGET_INTERVAL/" "$REPO_ROOT/cluster/node$n.toml"
             printf '\n[coordinator]\ntimeout_max_ms = %s\ntimeout_default_ms = %s\n' \
                 "$timeout_max_ms" $((timeout_max_ms < 30000 ? timeout_max_ms : 30000))
         } >"$TANDEM_CONFIG_DIR/node$n.toml"

@@ -205,11 +205,15 @@ pub struct Retention {
     pub completed_retention_s: u64,
     /// How often the leader proposes `Forget` for records past retention.
     pub forget_interval_s: u64,
+    /// Most records one `Forget` entry drops (about: records completed in
+    /// the same millisecond go together). The leader forgets in rounds of
+    /// this many: applying a `Forget` holds up the entries after it.
+    pub forget_round_max: u64,
 }
 
 impl Default for Retention {
     fn default() -> Self {
-        Self { completed_retention_s: 24 * 3600, forget_interval_s: 60 }
+        Self { completed_retention_s: 24 * 3600, forget_interval_s: 60, forget_round_max: 2_000 }
     }
 }
 
@@ -355,6 +359,9 @@ impl NodeConfig {
         }
         if self.retention.forget_interval_s == 0 {
             return invalid("retention.forget_interval_s must be above 0".into());
+        }
+        if self.retention.forget_round_max == 0 {
+            return invalid("retention.forget_round_max must be above 0".into());
         }
         // A record must outlive any driver still working on its transaction
         // (a deposed leader's, up to the longest transaction timeout), or a

@@ -295,6 +295,54 @@ async fn idempotency_key_reused_by_another_txid_is_refused() {
     assert!(won && record.decision.is_commit());
 }
 
+/// `Forget` through the API drops completed records in rounds of
+/// `retention.forget_round_max`, one log entry each, and frees their keys;
+/// incomplete and later records stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_goes_in_bounded_rounds() {
+    let opts = Options {
+        // The periodic forget out of the way: the test's own is counted.
+        extra_config: "[retention]\nforget_round_max = 3\nforget_interval_s = 3600\n".into(),
+        ..Options::default()
+    };
+    let cluster = TestCluster::start(3, opts).await;
+    let mut client = cluster.client();
+    let key = |i: usize| Some(format!("order-{i}"));
+    for i in 0..10 {
+        client.decide(&txid("f", i), &commit(key(i))).await.unwrap();
+        client.complete(&txid("f", i)).await.unwrap();
+        // Each completed in its own millisecond, so that rounds split evenly.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    client.decide(&txid("open", 0), &abort("stays")).await.unwrap();
+    let before = tandem::server::now_unix_ms();
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    client.decide(&txid("late", 0), &commit(None)).await.unwrap();
+    client.complete(&txid("late", 0)).await.unwrap();
+
+    let leader = cluster.leader().await;
+    let index = |s: Option<pb::NodeStatus>| s.and_then(|s| s.last_log_index).unwrap();
+    let start = index(cluster.status(leader).await);
+    assert_eq!(client.forget(before).await.unwrap(), 10);
+    // 3 + 3 + 3 + 1: four entries.
+    assert_eq!(index(cluster.status(leader).await) - start, 4);
+    for i in 0..10 {
+        assert_eq!(client.get_record(&txid("f", i), false).await.unwrap(), None, "f{i}");
+    }
+    assert!(client.get_record(&txid("open", 0), false).await.unwrap().is_some());
+    assert!(client.get_record(&txid("late", 0), false).await.unwrap().is_some());
+    // The keys are free again.
+    let (won, _) = client.decide(&txid("g", 0), &commit(key(0))).await.unwrap();
+    assert!(won);
+    cluster.wait_converged(&[1, 2, 3]).await;
+    let on = |records: Vec<TxnRecord>| records.into_iter().map(|r| r.txid.to_string()).collect::<Vec<_>>();
+    let expected = on(cluster.local_records(leader).await);
+    assert_eq!(expected, ["g0", "late0", "open0"]);
+    for id in [1, 2, 3] {
+        assert_eq!(on(cluster.local_records(id).await), expected, "node {id}");
+    }
+}
+
 async fn raw(addr: &str) -> DecisionLogClient<tonic::transport::Channel> {
     DecisionLogClient::connect(format!("http://{addr}")).await.unwrap()
 }

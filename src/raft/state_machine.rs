@@ -461,6 +461,35 @@ impl StateMachine {
         .await
     }
 
+    /// A `Forget` time, at most `before`, that drops about `limit` records:
+    /// `before` itself if that drops no more than `limit`; otherwise the
+    /// completion time of the record after the first `limit` in completion
+    /// order, but past the first record's, so that it drops at least one.
+    /// (Records completed in the same millisecond go together, so one round
+    /// may drop a completion entry's worth more than `limit`.) Read from
+    /// this node's state, which the leader's `Forget` rounds consult: each
+    /// round's `Forget` still drops, on every node, exactly what its own
+    /// time selects.
+    pub async fn forget_cutoff(&self, before: u64, limit: usize) -> Result<u64> {
+        let db = self.db.clone();
+        blocking(move || {
+            let cf = db.cf_handle(cf::SM_COMPLETED).expect("sm_completed column family");
+            let mut read = rocksdb::ReadOptions::default();
+            read.set_iterate_upper_bound(before.to_be_bytes());
+            let mut first = None;
+            for (n, item) in db.iterator_cf_opt(&cf, read, IteratorMode::Start).enumerate() {
+                let (key, _) = item?;
+                let (at, _) = parse_completed_key(&key)?;
+                let first = *first.get_or_insert(at);
+                if n == limit {
+                    return Ok(at.max(first.saturating_add(1)).min(before));
+                }
+            }
+            Ok(before)
+        })
+        .await
+    }
+
     /// How many records this node holds (RocksDB's estimate).
     pub async fn record_count_estimate(&self) -> Result<u64> {
         let db = self.db.clone();
@@ -1129,6 +1158,55 @@ mod tests {
         assert!(f.sm.get(txid("t2")).await.unwrap().is_some());
         let r = f.one(11, Op::Decide { txid: txid("t3"), decision: commit(Some("k")), info: TxnInfo::default() }).await;
         assert!(matches!(r, CommandResponse::Decided { won: true, .. }));
+    }
+
+    /// Rounds of `Forget` at [`StateMachine::forget_cutoff`]'s times drop
+    /// at most the limit each (but for records sharing a millisecond), at
+    /// least one, and together exactly what one `Forget` drops.
+    #[tokio::test]
+    async fn forget_rounds_are_bounded_and_drop_what_one_forget_would() {
+        let mut f = Fixture::new();
+        // t0..=t8 completed at 10..=18, t9 never, t10..=t12 together at 20,
+        // t13 at 30 (after the cut).
+        for i in 0..14 {
+            let id = txid(&format!("t{i}"));
+            f.one(1, Op::Decide { txid: id.clone(), decision: commit(None), info: TxnInfo::default() }).await;
+            let at = match i {
+                9 => continue,
+                10..=12 => 20,
+                13 => 30,
+                _ => 10 + i,
+            };
+            f.one(at, Op::Complete { txid: id }).await;
+        }
+        let before = 25;
+        assert_eq!(f.sm.forget_cutoff(before, 100).await.unwrap(), before, "under the limit: all at once");
+        let mut rounds = Vec::new();
+        loop {
+            let cutoff = f.sm.forget_cutoff(before, 4).await.unwrap();
+            let CommandResponse::Forgotten { count } = f.one(100, Op::Forget { before_unix_ms: cutoff }).await else {
+                panic!()
+            };
+            rounds.push((cutoff, count));
+            if cutoff >= before {
+                break;
+            }
+        }
+        assert_eq!(rounds, vec![(14, 4), (18, 4), (25, 4)]);
+        for i in 0..14 {
+            let kept = f.sm.get(txid(&format!("t{i}"))).await.unwrap().is_some();
+            assert_eq!(kept, i == 9 || i == 13, "t{i}");
+        }
+        // More records in one millisecond than the limit: a round takes
+        // them all rather than none.
+        f.one(100, Op::Forget { before_unix_ms: 31 }).await;
+        for i in 0..6 {
+            let id = txid(&format!("u{i}"));
+            f.one(40, Op::Decide { txid: id.clone(), decision: commit(None), info: TxnInfo::default() }).await;
+            f.one(50, Op::Complete { txid: id }).await;
+        }
+        assert_eq!(f.sm.forget_cutoff(60, 2).await.unwrap(), 51);
+        assert_eq!(f.one(100, Op::Forget { before_unix_ms: 51 }).await, CommandResponse::Forgotten { count: 6 });
     }
 
     #[tokio::test]

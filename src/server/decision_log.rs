@@ -67,10 +67,8 @@ impl DecisionLogService {
 
     async fn forget_local(&self, req: &pb::ForgetRequest) -> Result<pb::ForgetResponse> {
         convert::command_version(req.version)?;
-        match self.node.propose(Op::Forget { before_unix_ms: req.before_unix_ms }).await? {
-            CommandResponse::Forgotten { count } => Ok(pb::ForgetResponse { forgotten: count }),
-            other => Err(unexpected(other)),
-        }
+        let done = self.node.forget_before(req.before_unix_ms).await?;
+        Ok(pb::ForgetResponse { forgotten: done.count })
     }
 
     async fn get_local(&self, req: &pb::GetRecordRequest) -> Result<pb::TxnRecord> {
