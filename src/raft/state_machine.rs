@@ -1166,6 +1166,7 @@ mod tests {
     #[tokio::test]
     async fn forget_rounds_are_bounded_and_drop_what_one_forget_would() {
         let mut f = Fixture::new();
+        assert_eq!(f.sm.forget_cutoff(25, 4).await.unwrap(), 25, "nothing completed");
         // t0..=t8 completed at 10..=18, t9 never, t10..=t12 together at 20,
         // t13 at 30 (after the cut).
         for i in 0..14 {
@@ -1181,6 +1182,9 @@ mod tests {
         }
         let before = 25;
         assert_eq!(f.sm.forget_cutoff(before, 100).await.unwrap(), before, "under the limit: all at once");
+        // The limit falls inside the three at 20: the round stops short of
+        // them (9 records).
+        assert_eq!(f.sm.forget_cutoff(before, 10).await.unwrap(), 20);
         let mut rounds = Vec::new();
         loop {
             let cutoff = f.sm.forget_cutoff(before, 4).await.unwrap();
