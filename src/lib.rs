@@ -52,8 +52,10 @@
 //!    compare-and-set: the first one for a txid holds, and the answer carries
 //!    the one that holds.
 //! 4. Later a `Complete` command marks phase 2 done (completions that wait
-//!    together share an entry too), and after the retention time a
-//!    `Forget` command drops the record and its idempotency key.
+//!    together share an entry too), and after the retention time the
+//!    leader's `Forget` commands drop the record and its idempotency key
+//!    (in rounds of a bounded number of records, since applying one holds
+//!    up the entries after it).
 //!
 //! # Life of a transaction (one-shot `Transact`)
 //!
