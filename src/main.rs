@@ -349,6 +349,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    if matches!(cli.command, Command::Serve(_)) {
+        no_transparent_huge_pages();
+    }
     // `txn transact` pairs its options by their order on the command line.
     let order = matches
         .subcommand_matches("txn")
@@ -375,7 +378,8 @@ fn main() -> ExitCode {
 
 /// Rust's allocations go to mimalloc: in `tandem bench` it gave 6 to 19%
 /// more throughput than glibc's allocator (README, Benchmark), for about
-/// 20 to 34 MB more resident memory per node.
+/// 20 to 34 MB more resident memory per node, measured while mimalloc
+/// could take transparent huge pages (see [`no_transparent_huge_pages`]).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -404,6 +408,28 @@ fn tune_malloc() {
         libc::mallopt(libc::M_ARENA_MAX, 2);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 10);
+    }
+}
+
+/// A node runs without transparent huge pages. mimalloc asks the kernel
+/// for them on its arenas (`madvise`), and a huge page is 2 MB resident as
+/// soon as any byte of it is touched: in `tandem bench` at 64 clients a
+/// node held up to 74 MB in huge pages when the kernel had them free, and
+/// peaked 30 to 40 MB lower without them (README, Benchmark). Off, its
+/// size no longer depends on whether the kernel has huge pages free. Where
+/// the kernel gives them to every process (`always`), this keeps them from
+/// RocksDB's memory too. Called before the runtime's threads start; it
+/// applies to memory touched from then on.
+fn no_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes no pointers and only sets a flag of
+    // this process. Its arguments are read as unsigned longs, the unused
+    // ones zero.
+    unsafe {
+        let (on, unused): (libc::c_ulong, libc::c_ulong) = (1, 0);
+        if libc::prctl(libc::PR_SET_THP_DISABLE, on, unused, unused, unused) != 0 {
+            eprintln!("warning: could not turn transparent huge pages off: {}", std::io::Error::last_os_error());
+        }
     }
 }
 

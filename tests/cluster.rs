@@ -343,6 +343,19 @@ async fn forget_goes_in_bounded_rounds() {
     }
 }
 
+/// A node runs with transparent huge pages off, so that its allocator's
+/// arenas are not resident 2 MB at a time.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_runs_without_transparent_huge_pages() {
+    let cluster = TestCluster::spawn(1, Options::default());
+    cluster.wait_answering(1).await;
+    let pid = cluster.pid(1).expect("node 1 runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("THP_enabled:")).expect("the kernel reports THP_enabled");
+    assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+}
+
 async fn raw(addr: &str) -> DecisionLogClient<tonic::transport::Channel> {
     DecisionLogClient::connect(format!("http://{addr}")).await.unwrap()
 }

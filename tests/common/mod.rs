@@ -174,6 +174,11 @@ impl TestCluster {
         node.child = Some(child);
     }
 
+    /// Node `id`'s process id, while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes[(id - 1) as usize].child.as_ref().map(Child::id)
+    }
+
     /// Whether node `id`'s process has exited (it is still counted as
     /// running until [`Self::wait_exit`]).
     pub fn has_exited(&mut self, id: u64) -> bool {
