@@ -349,9 +349,6 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    if matches!(cli.command, Command::Serve(_)) {
-        no_transparent_huge_pages();
-    }
     // `txn transact` pairs its options by their order on the command line.
     let order = matches
         .subcommand_matches("txn")
@@ -366,6 +363,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if matches!(cli.command, Command::Serve(_)) {
+        no_transparent_huge_pages();
+    }
     let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
     match runtime.block_on(run(cli, order)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -411,15 +411,16 @@ fn tune_malloc() {
     }
 }
 
-/// A node runs without transparent huge pages. mimalloc asks the kernel
-/// for them on its arenas (`madvise`), and a huge page is 2 MB resident as
-/// soon as any byte of it is touched: in `tandem bench` at 64 clients a
-/// node held up to 74 MB in huge pages when the kernel had them free, and
-/// peaked 30 to 40 MB lower without them (README, Benchmark). Off, its
-/// size no longer depends on whether the kernel has huge pages free. Where
-/// the kernel gives them to every process (`always`), this keeps them from
-/// RocksDB's memory too. Called before the runtime's threads start; it
-/// applies to memory touched from then on.
+/// A node runs without transparent huge pages. mimalloc, unless built with
+/// its `no_thp` feature (as here), asks the kernel for them on its arenas
+/// (`madvise`), and a huge page is 2 MB resident as soon as any byte of it
+/// is touched: in `tandem bench` at 64 clients a node held up to 74 MB in huge pages in the runs where the kernel gave
+/// them, and peaked 29 to 44 MB lower without them (README, Benchmark).
+/// Off, its size no longer depends on whether the kernel gives them. Where
+/// the kernel gives them to every process (`always`) rather than only
+/// where asked, this keeps them from mimalloc's and RocksDB's memory too.
+/// Called before the runtime's threads start; it applies to memory touched
+/// from then on.
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE takes no pointers and only sets a flag of
@@ -428,7 +429,7 @@ fn no_transparent_huge_pages() {
     unsafe {
         let (on, unused): (libc::c_ulong, libc::c_ulong) = (1, 0);
         if libc::prctl(libc::PR_SET_THP_DISABLE, on, unused, unused, unused) != 0 {
-            eprintln!("warning: could not turn transparent huge pages off: {}", std::io::Error::last_os_error());
+            tracing::warn!(error = %std::io::Error::last_os_error(), "could not turn transparent huge pages off");
         }
     }
 }
