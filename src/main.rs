@@ -414,9 +414,9 @@ fn tune_malloc() {
 /// A node runs without transparent huge pages. mimalloc, unless built with
 /// its `no_thp` feature (as here), asks the kernel for them on its arenas
 /// (`madvise`), and a huge page is 2 MB resident as soon as any byte of it
-/// is touched: in `tandem bench` at 64 clients a node held up to 74 MB in huge pages in the runs where the kernel gave
-/// them, and peaked 29 to 44 MB lower without them (README, Benchmark).
-/// Off, its size no longer depends on whether the kernel gives them. Where
+/// is touched: in `tandem bench` at 64 clients a node held up to 74 MB in
+/// huge pages in the runs where the kernel gave them, and peaked 29 to 44
+/// MB lower without them (README, Benchmark). Off, its size no longer depends on whether the kernel gives them. Where
 /// the kernel gives them to every process (`always`) rather than only
 /// where asked, this keeps them from mimalloc's and RocksDB's memory too.
 /// Called before the runtime's threads start; it applies to memory touched
