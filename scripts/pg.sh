@@ -23,10 +23,16 @@ pg_init() {
     [ "$(id -u)" -ne 0 ] || chown postgres:postgres "$PGDIR"
 }
 
+# A free port, never one of the three the cluster's nodes will listen on
+# (TANDEM_PORT_BASE + 1 to 3, picked before the servers start but bound
+# only after).
 pg_free_port() {
     local p
     while :; do
         p=$(random_port)
+        if [ -n "${TANDEM_PORT_BASE:-}" ] && ((p > TANDEM_PORT_BASE && p <= TANDEM_PORT_BASE + 3)); then
+            continue
+        fi
         (: </dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo "$p"; return; }
     done
 }
