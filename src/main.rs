@@ -416,11 +416,11 @@ fn tune_malloc() {
 /// (`madvise`), and a huge page is 2 MB resident as soon as any byte of it
 /// is touched: in `tandem bench` at 64 clients a node held up to 74 MB in
 /// huge pages in the runs where the kernel gave them, and peaked 29 to 44
-/// MB lower without them (README, Benchmark). Off, its size no longer depends on whether the kernel gives them. Where
-/// the kernel gives them to every process (`always`) rather than only
-/// where asked, this keeps them from mimalloc's and RocksDB's memory too.
-/// Called before the runtime's threads start; it applies to memory touched
-/// from then on.
+/// MB lower without them (README, Benchmark). Off, its size no longer
+/// depends on whether the kernel gives them. Where the kernel gives them to
+/// every process (`always`) rather than only where asked, this keeps them
+/// from mimalloc's and RocksDB's memory too. Called before the runtime's
+/// threads start; it applies to memory touched from then on.
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE takes no pointers and only sets a flag of
