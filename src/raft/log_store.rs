@@ -25,19 +25,27 @@
 //!   applied) once the leader tells it what is committed; a new leader's
 //!   recovery waits for its read barrier either way.
 //!
+//! - The newest entries are also kept in memory, decoded, as appended
+//!   (`RecentEntries`). Each entry is read back moments after it is
+//!   written: on the leader once per follower for replication and once for
+//!   apply, on a follower once for apply. From memory such a read is a
+//!   clone; from RocksDB it is an iterator and a JSON decode per entry.
+//!
 //! Where RocksDB calls run: fsyncs on the flusher thread; the calls on the
-//! commit path of every decision (the unsynced append, replication's read of
-//! the entries just appended) in place, on the calling task, as each is a
+//! commit path of every decision (the unsynced append, a short read the
+//! memory copy cannot serve) in place, on the calling task, as each is a
 //! memtable access of microseconds and a hand-off to another thread and
 //! back costs more; everything else (vote, purge, long reads) on tokio's
 //! blocking pool. An in-place write can still wait on a RocksDB write
 //! stall; that holds one async worker while it lasts.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io;
 use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -70,23 +78,32 @@ const KEY_LAST_PURGED: &[u8] = b"last_purged";
 /// Most entries read in place, on the caller's task; longer reads go to the
 /// blocking pool.
 const INLINE_READ_MAX: u64 = 64;
+/// The most the entries kept in memory may take, counted in their stored
+/// (JSON) size. At the benchmark's busiest this is seconds of log, far more
+/// than the moments between an append and its last read back; a follower
+/// that lags further is served from RocksDB.
+const RECENT_MAX_BYTES: usize = 256 << 10;
 
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
     flusher: Arc<Flusher>,
     poisoned: Arc<AtomicBool>,
+    recent: Arc<Mutex<RecentEntries>>,
     stats: Arc<LogStats>,
 }
 
 /// How well appends share fsyncs: entries and appends written, and the
-/// fsyncs that made them durable, with the time they took.
+/// fsyncs that made them durable, with the time they took; and how many
+/// reads the entries kept in memory served, against those RocksDB did.
 #[derive(Default)]
 pub struct LogStats {
     pub entries: AtomicU64,
     pub appends: AtomicU64,
     pub fsyncs: AtomicU64,
     pub fsync_us: AtomicU64,
+    pub reads_recent: AtomicU64,
+    pub reads_stored: AtomicU64,
 }
 
 impl LogStats {
@@ -98,7 +115,74 @@ impl LogStats {
             ("log_appends", get(&self.appends)),
             ("log_fsyncs", get(&self.fsyncs)),
             ("log_fsync_us_total", get(&self.fsync_us)),
+            ("log_reads_from_memory", get(&self.reads_recent)),
+            ("log_reads_from_rocksdb", get(&self.reads_stored)),
         ]
+    }
+}
+
+/// The newest entries of the log, decoded, each with its stored size.
+///
+/// They are always a contiguous run that ends at the log's last entry, or
+/// none: `append`, `truncate_after` and `purge` change the run along with
+/// RocksDB, and the oldest entries go once the run passes
+/// [`RECENT_MAX_BYTES`]. A read is served from here only if the run holds
+/// the whole range, so it returns exactly what RocksDB would.
+#[derive(Default)]
+struct RecentEntries {
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl RecentEntries {
+    /// Adds the entry after the log's last. openraft truncates before it
+    /// overwrites; an entry that does not follow the run (after a restart,
+    /// or one that overwrites) starts the run afresh all the same.
+    fn push(&mut self, entry: Entry, size: usize) {
+        self.truncate_from(entry.index());
+        if self.entries.back().is_some_and(|(last, _)| last.index() + 1 != entry.index()) {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.entries.push_back((entry, size));
+        self.bytes += size;
+        while self.bytes > RECENT_MAX_BYTES
+            && let Some((_, size)) = self.entries.pop_front()
+        {
+            self.bytes -= size;
+        }
+    }
+
+    /// Drops the entries at `index` and after.
+    fn truncate_from(&mut self, index: u64) {
+        while let Some((last, size)) = self.entries.back()
+            && last.index() >= index
+        {
+            self.bytes -= size;
+            self.entries.pop_back();
+        }
+    }
+
+    /// Drops the entries up to `index`, inclusive.
+    fn purge_through(&mut self, index: u64) {
+        while let Some((first, size)) = self.entries.front()
+            && first.index() <= index
+        {
+            self.bytes -= size;
+            self.entries.pop_front();
+        }
+    }
+
+    /// The entries from `start` up to `end` (exclusive), if the run holds
+    /// them all.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+        let first = self.entries.front()?.0.index();
+        let after_last = self.entries.back()?.0.index() + 1;
+        if start < first || end > after_last || start > end {
+            return None;
+        }
+        let range = (start - first) as usize..(end - first) as usize;
+        Some(self.entries.range(range).map(|(entry, _)| entry.clone()).collect())
     }
 }
 
@@ -159,7 +243,12 @@ impl LogStore {
             .spawn(move || run_flusher(flusher_db, rx, flusher_poisoned, flusher_stats))
             .expect("spawning the log flusher thread");
         let flusher = Arc::new(Flusher { queue: Some(tx), thread: Some(thread) });
-        Self { db, flusher, poisoned, stats }
+        let recent = Arc::new(Mutex::new(RecentEntries::default()));
+        Self { db, flusher, poisoned, recent, stats }
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentEntries> {
+        self.recent.lock().expect("recent entries lock")
     }
 
     /// The store's counters; they live as long as any holder.
@@ -265,6 +354,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(x) => x.saturating_add(1),
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(x) => x.saturating_add(1),
+            Bound::Excluded(x) => *x,
+            Bound::Unbounded => u64::MAX,
+        };
+        if let Some(entries) = self.recent().get(start, end) {
+            self.stats.reads_recent.fetch_add(1, Ordering::Relaxed);
+            return Ok(entries);
+        }
+        self.stats.reads_stored.fetch_add(1, Ordering::Relaxed);
         let range = (range.start_bound().cloned(), range.end_bound().cloned());
         let read = move |db: &DB| {
             let cf = db.cf_handle(cf::RAFT_LOG).expect("raft_log column family");
@@ -282,8 +381,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             }
             Ok(entries)
         };
-        // Replication reads what was just appended, from the memtable: in
-        // place. A long range (a follower catching up) may read from disk.
+        // A short range is likely still in the memtable: in place. A long
+        // one (a follower catching up) may read from disk.
         match range.end_bound() {
             Bound::Excluded(end) if end.saturating_sub(start) <= INLINE_READ_MAX => read(&self.db),
             Bound::Included(end) if end.saturating_sub(start) < INLINE_READ_MAX => read(&self.db),
@@ -334,7 +433,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.check_poisoned()?;
         let mut encoded = Vec::new();
         for entry in entries {
-            encoded.push((index_key(entry.index()), encode(&entry)?));
+            let bytes = encode(&entry)?;
+            encoded.push((entry, bytes));
         }
         self.stats.appends.fetch_add(1, Ordering::Relaxed);
         self.stats.entries.fetch_add(encoded.len() as u64, Ordering::Relaxed);
@@ -343,10 +443,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // on the commit path of every decision (see the module notes).
         let cf = self.db.cf_handle(cf::RAFT_LOG).expect("raft_log column family");
         let mut batch = WriteBatch::default();
-        for (key, value) in encoded {
-            batch.put_cf(&cf, key, value);
+        for (entry, bytes) in &encoded {
+            batch.put_cf(&cf, index_key(entry.index()), bytes);
         }
         self.db.write(batch).map_err(io::Error::other)?;
+        let mut recent = self.recent();
+        for (entry, bytes) in encoded {
+            recent.push(entry, bytes.len());
+        }
+        drop(recent);
         let queue = self.flusher.queue.as_ref().expect("the flusher queue lives as long as the store");
         queue.send(callback).map_err(|_| io::Error::other("the log flusher thread is gone"))?;
         Ok(())
@@ -354,6 +459,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<TypeConfig>>) -> io::Result<()> {
         let from = last_log_id.map_or(0, |id| id.index() + 1);
+        self.recent().truncate_from(from);
         self.blocking(move |db| {
             let cf = db.cf_handle(cf::RAFT_LOG).expect("raft_log column family");
             db.delete_range_cf(&cf, index_key(from), index_key(u64::MAX)).map_err(io::Error::other)?;
@@ -366,6 +472,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogIdOf<TypeConfig>) -> io::Result<()> {
         // Record the purge point first: entries at or before it are ignored
         // from then on, so the deletion need not be atomic with it.
+        self.recent().purge_through(log_id.index());
         self.put_meta(KEY_LAST_PURGED, &log_id, false).await?;
         let to = log_id.index() + 1;
         self.blocking(move |db| {
@@ -373,5 +480,127 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             db.delete_range_cf(&cf, index_key(0), index_key(to)).map_err(io::Error::other)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::Command;
+    use crate::raft::Op;
+
+    fn entry(term: u64, index: u64) -> Entry {
+        let log_id = openraft::testing::log_id::<TypeConfig>(term, 1, index);
+        Entry::new_normal(log_id, Command::new(index, Op::Forget { before_unix_ms: index }))
+    }
+
+    fn indexes(entries: &[Entry]) -> Vec<(u64, u64)> {
+        entries.iter().map(|e| (e.log_id().leader_id.term, e.index())).collect()
+    }
+
+    fn run(recent: &RecentEntries) -> Vec<(u64, u64)> {
+        let entries: Vec<Entry> = recent.entries.iter().map(|(e, _)| e.clone()).collect();
+        indexes(&entries)
+    }
+
+    /// What the store reads from memory is what RocksDB holds: a second
+    /// store on the same database, with nothing in memory, reads the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_from_memory_match_rocksdb() {
+        use openraft::storage::RaftLogStorageExt;
+        let dir = tempfile::TempDir::new().unwrap();
+        let (mut store, _sm) = crate::raft::open_store(dir.path()).unwrap();
+        let mut cold = LogStore::new(store.db.clone());
+        let stats = store.stats();
+        let reads =
+            |stats: &LogStats| (stats.reads_recent.load(Ordering::Relaxed), stats.reads_stored.load(Ordering::Relaxed));
+
+        store.blocking_append((1..=5).map(|i| entry(1, i))).await.unwrap();
+        let warm = store.try_get_log_entries(2..5).await.unwrap();
+        assert_eq!(indexes(&warm), [(1, 2), (1, 3), (1, 4)]);
+        assert_eq!(warm, cold.try_get_log_entries(2..5).await.unwrap());
+        assert_eq!(reads(&stats), (1, 0));
+        assert_eq!(cold.stats().reads_stored.load(Ordering::Relaxed), 1);
+
+        // A new leader overwrites entries 4 and 5.
+        store.truncate_after(Some(openraft::testing::log_id::<TypeConfig>(1, 1, 3))).await.unwrap();
+        store.blocking_append([entry(2, 4)]).await.unwrap();
+        let warm = store.try_get_log_entries(1..=4).await.unwrap();
+        assert_eq!(indexes(&warm), [(1, 1), (1, 2), (1, 3), (2, 4)]);
+        assert_eq!(warm, cold.try_get_log_entries(1..=4).await.unwrap());
+        // Past the end, or from an open end, RocksDB answers.
+        assert_eq!(store.try_get_log_entries(3..).await.unwrap(), cold.try_get_log_entries(3..).await.unwrap());
+        assert_eq!(reads(&stats), (2, 1));
+
+        store.purge(openraft::testing::log_id::<TypeConfig>(1, 1, 2)).await.unwrap();
+        assert_eq!(store.try_get_log_entries(1..3).await.unwrap(), []);
+        assert_eq!(indexes(&store.try_get_log_entries(3..5).await.unwrap()), [(1, 3), (2, 4)]);
+        assert_eq!(reads(&stats), (3, 2));
+    }
+
+    #[test]
+    fn serves_only_ranges_it_holds_whole() {
+        let mut recent = RecentEntries::default();
+        assert!(recent.get(0, 0).is_none(), "an empty run serves nothing");
+        for index in 5..10 {
+            recent.push(entry(1, index), 10);
+        }
+        assert_eq!(indexes(&recent.get(5, 10).unwrap()), [(1, 5), (1, 6), (1, 7), (1, 8), (1, 9)]);
+        assert_eq!(indexes(&recent.get(7, 9).unwrap()), [(1, 7), (1, 8)]);
+        assert_eq!(recent.get(10, 10).unwrap(), []);
+        assert!(recent.get(4, 6).is_none(), "entry 4 may be in RocksDB");
+        assert!(recent.get(8, 11).is_none(), "past the run's end");
+        assert!(recent.get(6, u64::MAX).is_none());
+        assert!(recent.get(7, 6).is_none());
+    }
+
+    #[test]
+    fn overwrites_and_gaps_keep_the_run_contiguous() {
+        let mut recent = RecentEntries::default();
+        for index in 1..=5 {
+            recent.push(entry(1, index), 10);
+        }
+        // A new leader's entry 4 replaces the old term's 4 and 5.
+        recent.push(entry(2, 4), 10);
+        assert_eq!(run(&recent), [(1, 1), (1, 2), (1, 3), (2, 4)]);
+        assert_eq!(recent.bytes, 40);
+        // An entry that does not follow (a snapshot skipped ahead) starts afresh.
+        recent.push(entry(2, 9), 10);
+        assert_eq!(run(&recent), [(2, 9)]);
+        assert_eq!(recent.bytes, 10);
+    }
+
+    #[test]
+    fn truncation_and_purge_follow_the_log() {
+        let mut recent = RecentEntries::default();
+        for index in 1..=6 {
+            recent.push(entry(1, index), 10);
+        }
+        recent.truncate_from(5);
+        assert_eq!(run(&recent), [(1, 1), (1, 2), (1, 3), (1, 4)]);
+        recent.purge_through(2);
+        assert_eq!(run(&recent), [(1, 3), (1, 4)]);
+        assert_eq!(recent.bytes, 20);
+        assert!(recent.get(2, 4).is_none());
+        recent.purge_through(9);
+        recent.truncate_from(0);
+        assert!(recent.entries.is_empty());
+        assert_eq!(recent.bytes, 0);
+    }
+
+    #[test]
+    fn the_oldest_entries_go_past_the_bound() {
+        let mut recent = RecentEntries::default();
+        let size = RECENT_MAX_BYTES / 4;
+        for index in 1..=6 {
+            recent.push(entry(1, index), size);
+        }
+        assert_eq!(run(&recent), [(1, 3), (1, 4), (1, 5), (1, 6)]);
+        assert_eq!(recent.bytes, RECENT_MAX_BYTES);
+        // One entry larger than the bound is not kept at all.
+        recent.push(entry(1, 7), RECENT_MAX_BYTES + 1);
+        assert!(recent.entries.is_empty());
+        assert_eq!(recent.bytes, 0);
+        assert!(recent.get(7, 8).is_none());
     }
 }

@@ -12,7 +12,8 @@
 //! - [`log_store`]: the Raft log and vote in RocksDB. An append is written to
 //!   RocksDB before it returns (so it can be read back) and reported durable
 //!   only after the write-ahead log is fsynced; one fsync covers every append
-//!   queued behind it (group commit).
+//!   queued behind it (group commit). The newest entries are also kept in
+//!   memory, decoded, for replication and apply to read back.
 //! - [`state_machine`]: applies [`Command`]s to transaction records in RocksDB,
 //!   builds and installs snapshots, which are checkpoints ([`snapshot`]). Once a
 //!   snapshot covers a stretch of log, openraft purges that stretch, so disk

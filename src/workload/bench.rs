@@ -148,6 +148,11 @@ pub struct BenchResult {
     /// log, over the three nodes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fsync_ms: Option<f64>,
+    /// Modes through the cluster: the share of the Raft log's reads (range
+    /// reads, replication's and apply's) that the nodes served from their
+    /// memory copy of the newest entries, against RocksDB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_reads_from_memory: Option<f64>,
     /// Where the machine's CPU went, per transfer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuPerTransfer>,
@@ -190,8 +195,9 @@ pub struct Split {
 /// `log_fsyncs`, the decision batcher's `decisions_proposed` and
 /// `decision_entries`, the time the log's fsyncs took, and the decision log
 /// API's completion batcher's `api_completions_proposed` and
-/// `api_completion_entries`, each summed over the nodes that answer.
-const COUNTERS: [&str; 11] = [
+/// `api_completion_entries`, and the log's reads from memory and from
+/// RocksDB, each summed over the nodes that answer.
+const COUNTERS: [&str; 13] = [
     "timed_commits",
     "prepare_us_total",
     "decide_us_total",
@@ -203,13 +209,15 @@ const COUNTERS: [&str; 11] = [
     "log_fsync_us_total",
     "api_completions_proposed",
     "api_completion_entries",
+    "log_reads_from_memory",
+    "log_reads_from_rocksdb",
 ];
 
 /// One reading of the counters and of the CPU time used so far.
 #[derive(Debug, Default)]
 struct Reading {
     /// [`COUNTERS`], each summed over the nodes that answered.
-    counters: [u64; 11],
+    counters: [u64; 13],
     /// Each node that answered: its id, whether it was the leader, the CPU
     /// time its process has used (`process_cpu_us`).
     nodes: Vec<(u64, bool, u64)>,
@@ -317,6 +325,8 @@ struct Counted {
     completions_per_entry: Option<f64>,
     /// The mean time of one fsync of the log, all nodes.
     fsync_ms: Option<f64>,
+    /// The share of log reads served from memory, all nodes.
+    log_reads_from_memory: Option<f64>,
     /// CPU per transfer.
     cpu: Option<CpuPerTransfer>,
 }
@@ -337,6 +347,7 @@ fn between(before: &Reading, after: &Reading, transfers: u64) -> Counted {
         decisions_per_entry: (d[7] > 0.0).then(|| d[6] / d[7]),
         completions_per_entry: (d[10] > 0.0).then(|| d[9] / d[10]),
         fsync_ms: (d[5] > 0.0).then(|| d[8] / d[5] / 1000.0),
+        log_reads_from_memory: (d[11] + d[12] > 0.0).then(|| d[11] / (d[11] + d[12])),
         cpu: cpu_between(before, after, transfers),
     }
 }
@@ -439,6 +450,9 @@ pub async fn run(cfg: &BenchConfig) -> Result<Vec<BenchResult>> {
             }
             if let (Some(n), Some(ms)) = (r.entries_per_fsync, r.fsync_ms) {
                 eprintln!("{:<15} Raft log entries per fsync: {n:.1}; an fsync took {ms:.2} ms (mean)", "");
+            }
+            if let Some(share) = r.log_reads_from_memory {
+                eprintln!("{:<15} Raft log reads served from memory: {:.1}%", "", 100.0 * share);
             }
             if let Some(n) = r.decisions_per_entry {
                 eprintln!("{:<15} decisions per Raft entry: {n:.1}", "");
@@ -581,8 +595,15 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
     let (first_window_per_s, last_window_per_s) = windows(&samples, latencies.len() as u64);
     let counted = between(&before, &after, latencies.len() as u64);
     // The cluster's counters mean nothing for the modes that do not use it.
-    let Counted { split, entries_per_fsync, decisions_per_entry, completions_per_entry, fsync_ms, cpu } =
-        if through_cluster { counted } else { Counted { cpu: counted.cpu, ..Counted::default() } };
+    let Counted {
+        split,
+        entries_per_fsync,
+        decisions_per_entry,
+        completions_per_entry,
+        fsync_ms,
+        log_reads_from_memory,
+        cpu,
+    } = if through_cluster { counted } else { Counted { cpu: counted.cpu, ..Counted::default() } };
     eprint!("\r{:100}\r", "");
     latencies.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -608,6 +629,7 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         decisions_per_entry,
         completions_per_entry,
         fsync_ms,
+        log_reads_from_memory,
         cpu,
         wal_fsyncs_per_transfer,
     })
@@ -912,20 +934,21 @@ mod tests {
             decisions_per_entry: None,
             completions_per_entry: None,
             fsync_ms: None,
+            log_reads_from_memory: None,
             cpu: None,
             wal_fsyncs_per_transfer: None,
         }
     }
 
-    fn reading(counters: [u64; 11]) -> Reading {
+    fn reading(counters: [u64; 13]) -> Reading {
         Reading { counters, ..Reading::default() }
     }
 
     #[test]
     fn split_is_the_mean_between_readings() {
         let counted = between(
-            &reading([10, 1000, 2000, 3000, 50, 5, 7, 1, 100, 0, 0]),
-            &reading([20, 31_000, 12_000, 8000, 250, 25, 47, 11, 4100, 30, 2]),
+            &reading([10, 1000, 2000, 3000, 50, 5, 7, 1, 100, 0, 0, 40, 0]),
+            &reading([20, 31_000, 12_000, 8000, 250, 25, 47, 11, 4100, 30, 2, 130, 10]),
             10,
         );
         assert_eq!(counted.split, Some(Split { prepare_ms: 3.0, decide_ms: 1.0, phase2_ms: 0.5 }));
@@ -933,8 +956,13 @@ mod tests {
         assert_eq!(counted.decisions_per_entry, Some(4.0));
         assert_eq!(counted.completions_per_entry, Some(15.0));
         assert_eq!(counted.fsync_ms, Some(0.2));
+        assert_eq!(counted.log_reads_from_memory, Some(0.9));
         assert_eq!(
-            between(&reading([5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), &reading([5, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0]), 3),
+            between(
+                &reading([5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+                &reading([5, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+                3
+            ),
             Counted::default()
         );
     }
