@@ -152,7 +152,7 @@ pub struct BenchResult {
     /// reads, replication's and apply's) that the nodes served from their
     /// memory copy of the newest entries, against RocksDB.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_reads_from_memory: Option<f64>,
+    pub log_reads_from_memory_share: Option<f64>,
     /// Where the machine's CPU went, per transfer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuPerTransfer>,
@@ -326,7 +326,7 @@ struct Counted {
     /// The mean time of one fsync of the log, all nodes.
     fsync_ms: Option<f64>,
     /// The share of log reads served from memory, all nodes.
-    log_reads_from_memory: Option<f64>,
+    log_reads_from_memory_share: Option<f64>,
     /// CPU per transfer.
     cpu: Option<CpuPerTransfer>,
 }
@@ -347,7 +347,7 @@ fn between(before: &Reading, after: &Reading, transfers: u64) -> Counted {
         decisions_per_entry: (d[7] > 0.0).then(|| d[6] / d[7]),
         completions_per_entry: (d[10] > 0.0).then(|| d[9] / d[10]),
         fsync_ms: (d[5] > 0.0).then(|| d[8] / d[5] / 1000.0),
-        log_reads_from_memory: (d[11] + d[12] > 0.0).then(|| d[11] / (d[11] + d[12])),
+        log_reads_from_memory_share: (d[11] + d[12] > 0.0).then(|| d[11] / (d[11] + d[12])),
         cpu: cpu_between(before, after, transfers),
     }
 }
@@ -451,7 +451,7 @@ pub async fn run(cfg: &BenchConfig) -> Result<Vec<BenchResult>> {
             if let (Some(n), Some(ms)) = (r.entries_per_fsync, r.fsync_ms) {
                 eprintln!("{:<15} Raft log entries per fsync: {n:.1}; an fsync took {ms:.2} ms (mean)", "");
             }
-            if let Some(share) = r.log_reads_from_memory {
+            if let Some(share) = r.log_reads_from_memory_share {
                 eprintln!("{:<15} Raft log reads served from memory: {:.1}%", "", 100.0 * share);
             }
             if let Some(n) = r.decisions_per_entry {
@@ -601,7 +601,7 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         decisions_per_entry,
         completions_per_entry,
         fsync_ms,
-        log_reads_from_memory,
+        log_reads_from_memory_share,
         cpu,
     } = if through_cluster { counted } else { Counted { cpu: counted.cpu, ..Counted::default() } };
     eprint!("\r{:100}\r", "");
@@ -629,7 +629,7 @@ async fn run_one(cfg: &BenchConfig, mode: Mode, concurrency: usize) -> Result<Be
         decisions_per_entry,
         completions_per_entry,
         fsync_ms,
-        log_reads_from_memory,
+        log_reads_from_memory_share,
         cpu,
         wal_fsyncs_per_transfer,
     })
@@ -934,7 +934,7 @@ mod tests {
             decisions_per_entry: None,
             completions_per_entry: None,
             fsync_ms: None,
-            log_reads_from_memory: None,
+            log_reads_from_memory_share: None,
             cpu: None,
             wal_fsyncs_per_transfer: None,
         }
@@ -956,7 +956,7 @@ mod tests {
         assert_eq!(counted.decisions_per_entry, Some(4.0));
         assert_eq!(counted.completions_per_entry, Some(15.0));
         assert_eq!(counted.fsync_ms, Some(0.2));
-        assert_eq!(counted.log_reads_from_memory, Some(0.9));
+        assert_eq!(counted.log_reads_from_memory_share, Some(0.9));
         assert_eq!(
             between(
                 &reading([5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
