@@ -5,10 +5,11 @@
 //!   converts to each parameter's type, so a client's integer, timestamp or
 //!   JSON lands in whatever column type the statement needs, and a value that
 //!   does not fit is PostgreSQL's clear error.
-//! - The branch reads its full transaction id (`pg_current_xact_id()`) in
-//!   the same query string as its PREPARE, first, which also
-//!   proves the transaction had not failed (PREPARE of a failed
-//!   transaction rolls back silently).
+//! - The branch reads its full transaction id (`pg_current_xact_id()`)
+//!   right before its PREPARE, in the same write, with a statement the
+//!   connection keeps prepared; in a failed transaction it fails and so
+//!   does everything queued behind it, PREPARE included (PREPARE of a
+//!   failed transaction would roll back silently).
 //! - A one-shot branch whose statements return no rows goes out pipelined,
 //!   BEGIN to PREPARE: one round trip
 //!   ([`BranchSession::run_and_prepare`]).
@@ -17,7 +18,7 @@
 //!   schema change made stale fails once, and is then prepared afresh on
 //!   every connection.
 //! - A branch's session is reset (settings, role, session advisory locks)
-//!   in the same query string as its PREPARE or ROLLBACK, so that no
+//!   in the same write as its PREPARE or ROLLBACK, so that no
 //!   setting, role or advisory lock a branch left outlives it into another
 //!   client's branch on the pooled connection, and every prepared branch
 //!   belongs to the connection's own user and role.
@@ -71,35 +72,39 @@ const CONTROL_POOL_MAX: usize = 128;
 /// afresh.
 const STATEMENT_CACHE_MAX: usize = 256;
 
-/// The query string that ends a branch to be prepared, one round trip: its
-/// transaction id, the session's reset, then PREPARE, preceded by BEGIN if
-/// the branch ran no statement yet. PREPARE of a failed transaction would
-/// roll it back and still succeed; but in a failed transaction the SELECT
-/// fails first, and the rest of the string is skipped.
+/// What a branch reads before PREPARE: its full transaction id, and the
+/// release of session advisory locks (see [`end_and_prepare`]). Sent as a
+/// prepared statement, kept in the connection's statement cache, so that
+/// PostgreSQL does not parse and plan it for every branch; every name is
+/// qualified, so that no function the branch created on its `search_path`
+/// stands in. In a failed transaction it fails, and so does the reset that
+/// follows it, so PREPARE never runs there (PREPARE of a failed transaction
+/// would roll it back and still succeed).
+const BEFORE_PREPARE: &str =
+    "SELECT pg_catalog.pg_current_xact_id()::pg_catalog.text, pg_catalog.pg_advisory_unlock_all()";
+
+/// The query string that ends a branch to be prepared, sent right behind
+/// [`BEFORE_PREPARE`] in the same write: the session's reset, then
+/// PREPARE, preceded by BEGIN if the branch ran no statement yet.
 ///
 /// The reset undoes what the branch's statements left on the pooled
 /// connection's session, which the next branch on it, whoever's it is,
 /// would inherit: the guard refuses `SET` and `RESET`, but
 /// `set_config(…, false)` in a statement or a function gets past it
 /// (`role`, `search_path`, `statement_timeout`, …), and a session-level
-/// advisory lock survives PREPARE. Settings go back to the connection's
+/// advisory lock survives PREPARE (released by [`BEFORE_PREPARE`]).
+/// Settings go back to the connection's
 /// own (its URL's options, the role's and database's settings), and the
 /// user and role back to the connection's before PREPARE (`RESET ALL`
 /// leaves `role` alone; `RESET SESSION AUTHORIZATION` puts back the
 /// connection's own, one set for its user with `ALTER ROLE … SET role`
 /// included), so that the prepared transaction belongs to the
 /// role phase 2 runs as on any of the participant's connections, who can
-/// then finish it (a role the branch switched to could not). The
-/// transaction id is read with every name qualified, so that no function
-/// the branch created on its `search_path` stands in. The resets run
-/// inside the transaction and take effect when it is prepared; one that
-/// is rolled back undoes its own settings (`ROLLBACK`).
-fn end_and_prepare(begin: bool, gid: &str) -> String {
-    let begin = if begin { "BEGIN; " } else { "" };
-    format!(
-        "{begin}SELECT pg_catalog.pg_current_xact_id()::pg_catalog.text, pg_catalog.pg_advisory_unlock_all(); \
-         RESET SESSION AUTHORIZATION; RESET ALL; PREPARE TRANSACTION '{gid}'"
-    )
+/// then finish it (a role the branch switched to could not). The resets
+/// run inside the transaction and take effect when it is prepared; one
+/// that is rolled back undoes its own settings (`ROLLBACK`).
+fn end_and_prepare(gid: &str) -> String {
+    format!("RESET SESSION AUTHORIZATION; RESET ALL; PREPARE TRANSACTION '{gid}'")
 }
 
 /// Rolls a branch back. Its settings go with its transaction; session-level
@@ -430,36 +435,57 @@ impl PostgresBranch {
         drop(Object::take(conn));
     }
 
-    /// `statement` prepared on this branch's connection, which keeps its
+    /// `sql` prepared on this branch's connection, which keeps its
     /// statements prepared up to a bound.
-    async fn prepare_statement(&self, statement: &Statement) -> Result<tokio_postgres::Statement> {
-        let conn = self.conn()?;
+    async fn prepare_cached(&self, sql: &str) -> std::result::Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        let conn = self.conn.as_ref().expect("a branch prepares statements only while it holds its connection");
         let cache = &conn.statement_cache;
         if cache.size() >= STATEMENT_CACHE_MAX {
             cache.clear();
         }
-        conn.prepare_cached(&statement.sql).await.map_err(|e| self.statement_failed(statement, e))
+        conn.prepare_cached(sql).await
     }
 
-    /// The error of a failed `statement`. A plan made stale by a schema
+    /// `statement` prepared on this branch's connection.
+    async fn prepare_statement(&self, statement: &Statement) -> Result<tokio_postgres::Statement> {
+        self.conn()?;
+        self.prepare_cached(&statement.sql).await.map_err(|e| self.statement_failed(&statement.sql, e))
+    }
+
+    /// [`BEFORE_PREPARE`] prepared on this branch's connection.
+    async fn prepare_before_prepare(&self) -> Result<tokio_postgres::Statement> {
+        self.conn()?;
+        self.prepare_cached(BEFORE_PREPARE).await.map_err(|e| self.statement_failed(BEFORE_PREPARE, e))
+    }
+
+    /// The error of a failed statement `sql`. A plan made stale by a schema
     /// change ("cached plan must not change result type"), or a statement
     /// deallocated, is dropped from every connection's cache, so that it
     /// fails once, not once per connection.
-    fn statement_failed(&self, statement: &Statement, e: tokio_postgres::Error) -> Error {
+    fn statement_failed(&self, sql: &str, e: tokio_postgres::Error) -> Error {
         let stale = [SqlState::FEATURE_NOT_SUPPORTED, SqlState::INVALID_SQL_STATEMENT_NAME];
         if e.code().is_some_and(|c| stale.contains(c)) {
-            self.pool.manager().statement_caches.remove(&statement.sql, &[]);
+            self.pool.manager().statement_caches.remove(sql, &[]);
         }
         pg_error(&self.participant, e)
     }
-}
 
-/// The transaction id the SELECT before PREPARE returned.
-fn transaction_id(messages: &[SimpleQueryMessage]) -> Option<u64> {
-    messages.iter().find_map(|m| match m {
-        SimpleQueryMessage::Row(row) => row.get(0).and_then(|x| x.parse::<u64>().ok()),
-        _ => None,
-    })
+    /// PREPARE's answer, read from the three requests sent in one write:
+    /// BEGIN if the branch had not begun, [`BEFORE_PREPARE`], then
+    /// [`end_and_prepare`]'s string. The first error is the answer; the
+    /// transaction id comes from [`BEFORE_PREPARE`]'s row.
+    fn prepared(
+        &self,
+        begun: std::result::Result<(), tokio_postgres::Error>,
+        read: std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+        prepared: std::result::Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>,
+    ) -> Result<Prepared> {
+        begun.map_err(|e| pg_error(&self.participant, e))?;
+        let rows = read.map_err(|e| self.statement_failed(BEFORE_PREPARE, e))?;
+        prepared.map_err(|e| pg_error(&self.participant, e))?;
+        let xid = rows.first().and_then(|r| r.try_get::<_, &str>(0).ok()).and_then(|x| x.parse::<u64>().ok());
+        Ok(Prepared { xid })
+    }
 }
 
 /// Awaits `futures`, first polling each in the order given: a query sends
@@ -510,7 +536,7 @@ impl BranchSession for PostgresBranch {
             let (begun, rows) = tokio::join!(biased; begin, conn.query(&prepared, &refs));
             (begun, rows.map(Ran::Rows))
         };
-        let ran = ran.map_err(|e| self.statement_failed(statement, e));
+        let ran = ran.map_err(|e| self.statement_failed(&statement.sql, e));
         if let Err(e) = begun {
             // Only a broken connection fails BEGIN, and the statement with
             // it; the connection is closed, never reused.
@@ -535,16 +561,26 @@ impl BranchSession for PostgresBranch {
     /// back to the pool.
     async fn prepare(mut self: Box<Self>, gid: &Gid) -> Result<Prepared> {
         let gid_text = gid.validated()?;
-        let p = self.participant.clone();
+        let before = self.prepare_before_prepare().await?;
         let conn = self.conn()?;
-        // An error here leaves the transaction open and the drop guard
-        // closes the connection, which rolls it back.
-        let messages =
-            conn.simple_query(&end_and_prepare(!self.begun, &gid_text)).await.map_err(|e| pg_error(&p, e))?;
-        let xid = transaction_id(&messages);
+        let begin = async {
+            match self.begun {
+                true => Ok(()),
+                false => conn.batch_execute("BEGIN").await,
+            }
+        };
+        let prepare = end_and_prepare(&gid_text);
+        // `biased`: polled, so queued, in this order, one write.
+        let (begun, read, prepared) =
+            tokio::join!(biased; begin, conn.query(&before, &[]), conn.simple_query(&prepare));
+        // An error leaves the transaction open (or, after a successful
+        // PREPARE, the branch prepared) and the drop guard closes the
+        // connection, which rolls an open transaction back; a prepared
+        // branch whose PREPARE is reported failed is rolled back by gid.
+        let prepared = self.prepared(begun, read, prepared)?;
         // Out of the transaction now: the connection may go back to the pool.
         self.conn.take();
-        Ok(Prepared { xid })
+        Ok(prepared)
     }
 
     /// A fresh branch whose statements return no rows (their results are
@@ -581,6 +617,7 @@ impl BranchSession for PostgresBranch {
                 _ => return run_then_prepare(self, statements, gid, result_bytes_max).await,
             }
         }
+        let before = self.prepare_before_prepare().await.map_err(|e| fail(None, e))?;
         crate::failpoint::hit("coordinator::before_prepare").await;
         // From here the branch is begun: an early exit (a deadline) drops
         // it, and the drop guard closes the connection and cancels what
@@ -593,10 +630,10 @@ impl BranchSession for PostgresBranch {
         let refs: Vec<Vec<&(dyn ToSql + Sync)>> =
             params.iter().map(|ps| ps.iter().map(|p| p as &(dyn ToSql + Sync)).collect()).collect();
         let runs = in_order(prepared.iter().zip(&refs).map(|(p, r)| conn.execute(p, r)).collect());
-        let prepare = end_and_prepare(false, &gid_text);
+        let prepare = end_and_prepare(&gid_text);
         // `biased`: polled, so queued, in this order.
-        let (begun, ran, messages) =
-            tokio::join!(biased; conn.batch_execute("BEGIN"), runs, conn.simple_query(&prepare));
+        let (begun, ran, read, messages) = tokio::join!(biased;
+            conn.batch_execute("BEGIN"), runs, conn.query(&before, &[]), conn.simple_query(&prepare));
         self.prepare_queued = false;
         if let Err(e) = begun {
             // Only a broken connection fails BEGIN; it is closed, never
@@ -609,7 +646,7 @@ impl BranchSession for PostgresBranch {
             match n {
                 Ok(n) => out.push(StatementResult { rows_affected: n, ..Default::default() }),
                 Err(e) => {
-                    let e = self.statement_failed(&statements[i], e);
+                    let e = self.statement_failed(&statements[i].sql, e);
                     if messages.is_ok() {
                         // Cannot happen unless the client refused a
                         // statement unsent; the branch is prepared, and
@@ -623,11 +660,10 @@ impl BranchSession for PostgresBranch {
         }
         // Every statement ran, so an error here is PREPARE's (or the
         // connection's): the drop guard closes the connection.
-        let messages = messages.map_err(|e| fail(None, pg_error(&self.participant, e)))?;
-        let xid = transaction_id(&messages);
+        let prepared = self.prepared(Ok(()), read, messages).map_err(|e| fail(None, e))?;
         // Out of the transaction now: the connection may go back to the pool.
         self.conn.take();
-        Ok((out, Prepared { xid }))
+        Ok((out, prepared))
     }
 
     async fn rollback(mut self: Box<Self>) -> Result<()> {
