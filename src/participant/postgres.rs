@@ -6,10 +6,10 @@
 //!   JSON lands in whatever column type the statement needs, and a value that
 //!   does not fit is PostgreSQL's clear error.
 //! - The branch reads its full transaction id (`pg_current_xact_id()`)
-//!   right before its PREPARE, in the same write, with a statement the
-//!   connection keeps prepared; in a failed transaction it fails and so
-//!   does everything queued behind it, PREPARE included (PREPARE of a
-//!   failed transaction would roll back silently).
+//!   with a statement the connection keeps prepared, pipelined right
+//!   before its PREPARE; in a failed transaction it fails, and so does the
+//!   session's reset queued behind it, so PREPARE, behind the reset, does
+//!   not run (PREPARE of a failed transaction would roll back silently).
 //! - A one-shot branch whose statements return no rows goes out pipelined,
 //!   BEGIN to PREPARE: one round trip
 //!   ([`BranchSession::run_and_prepare`]).
@@ -18,7 +18,7 @@
 //!   schema change made stale fails once, and is then prepared afresh on
 //!   every connection.
 //! - A branch's session is reset (settings, role, session advisory locks)
-//!   in the same write as its PREPARE or ROLLBACK, so that no
+//!   in the same query string as its PREPARE or ROLLBACK, so that no
 //!   setting, role or advisory lock a branch left outlives it into another
 //!   client's branch on the pooled connection, and every prepared branch
 //!   belongs to the connection's own user and role.
@@ -83,9 +83,8 @@ const STATEMENT_CACHE_MAX: usize = 256;
 const BEFORE_PREPARE: &str =
     "SELECT pg_catalog.pg_current_xact_id()::pg_catalog.text, pg_catalog.pg_advisory_unlock_all()";
 
-/// The query string that ends a branch to be prepared, sent right behind
-/// [`BEFORE_PREPARE`] in the same write: the session's reset, then
-/// PREPARE, preceded by BEGIN if the branch ran no statement yet.
+/// The query string that ends a branch to be prepared, pipelined right
+/// behind [`BEFORE_PREPARE`]: the session's reset, then PREPARE.
 ///
 /// The reset undoes what the branch's statements left on the pooled
 /// connection's session, which the next branch on it, whoever's it is,
@@ -470,9 +469,10 @@ impl PostgresBranch {
         pg_error(&self.participant, e)
     }
 
-    /// PREPARE's answer, read from the three requests sent in one write:
-    /// BEGIN if the branch had not begun, [`BEFORE_PREPARE`], then
-    /// [`end_and_prepare`]'s string. The first error is the answer; the
+    /// PREPARE's answer, from the answers to the requests pipelined to end
+    /// the branch: BEGIN if it had not begun (`Ok` when BEGIN went earlier),
+    /// [`BEFORE_PREPARE`], then [`end_and_prepare`]'s string. The first
+    /// error is the answer, [`BEFORE_PREPARE`]'s before PREPARE's; the
     /// transaction id comes from [`BEFORE_PREPARE`]'s row.
     fn prepared(
         &self,
@@ -570,7 +570,7 @@ impl BranchSession for PostgresBranch {
             }
         };
         let prepare = end_and_prepare(&gid_text);
-        // `biased`: polled, so queued, in this order, one write.
+        // `biased`: polled, so queued, in this order, pipelined.
         let (begun, read, prepared) =
             tokio::join!(biased; begin, conn.query(&before, &[]), conn.simple_query(&prepare));
         // An error leaves the transaction open (or, after a successful
