@@ -436,25 +436,23 @@ impl PostgresBranch {
 
     /// `sql` prepared on this branch's connection, which keeps its
     /// statements prepared up to a bound.
-    async fn prepare_cached(&self, sql: &str) -> std::result::Result<tokio_postgres::Statement, tokio_postgres::Error> {
-        let conn = self.conn.as_ref().expect("a branch prepares statements only while it holds its connection");
+    async fn prepare_cached(&self, sql: &str) -> Result<tokio_postgres::Statement> {
+        let conn = self.conn()?;
         let cache = &conn.statement_cache;
         if cache.size() >= STATEMENT_CACHE_MAX {
             cache.clear();
         }
-        conn.prepare_cached(sql).await
+        conn.prepare_cached(sql).await.map_err(|e| self.statement_failed(sql, e))
     }
 
     /// `statement` prepared on this branch's connection.
     async fn prepare_statement(&self, statement: &Statement) -> Result<tokio_postgres::Statement> {
-        self.conn()?;
-        self.prepare_cached(&statement.sql).await.map_err(|e| self.statement_failed(&statement.sql, e))
+        self.prepare_cached(&statement.sql).await
     }
 
     /// [`BEFORE_PREPARE`] prepared on this branch's connection.
     async fn prepare_before_prepare(&self) -> Result<tokio_postgres::Statement> {
-        self.conn()?;
-        self.prepare_cached(BEFORE_PREPARE).await.map_err(|e| self.statement_failed(BEFORE_PREPARE, e))
+        self.prepare_cached(BEFORE_PREPARE).await
     }
 
     /// The error of a failed statement `sql`. A plan made stale by a schema
