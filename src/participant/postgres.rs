@@ -445,16 +445,6 @@ impl PostgresBranch {
         conn.prepare_cached(sql).await.map_err(|e| self.statement_failed(sql, e))
     }
 
-    /// `statement` prepared on this branch's connection.
-    async fn prepare_statement(&self, statement: &Statement) -> Result<tokio_postgres::Statement> {
-        self.prepare_cached(&statement.sql).await
-    }
-
-    /// [`BEFORE_PREPARE`] prepared on this branch's connection.
-    async fn prepare_before_prepare(&self) -> Result<tokio_postgres::Statement> {
-        self.prepare_cached(BEFORE_PREPARE).await
-    }
-
     /// The error of a failed statement `sql`. A plan made stale by a schema
     /// change ("cached plan must not change result type"), or a statement
     /// deallocated, is dropped from every connection's cache, so that it
@@ -513,7 +503,7 @@ impl BranchSession for PostgresBranch {
         let conn = self.conn()?;
         let params: Vec<TextParam> = statement.params.iter().map(text_param).collect();
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        let prepared = self.prepare_statement(statement).await?;
+        let prepared = self.prepare_cached(&statement.sql).await?;
         // The first statement is pipelined behind BEGIN (`biased`: BEGIN is
         // polled, so queued, first): PostgreSQL runs them in order on this
         // connection, so the statement runs inside the transaction.
@@ -559,7 +549,7 @@ impl BranchSession for PostgresBranch {
     /// back to the pool.
     async fn prepare(mut self: Box<Self>, gid: &Gid) -> Result<Prepared> {
         let gid_text = gid.validated()?;
-        let before = self.prepare_before_prepare().await?;
+        let before = self.prepare_cached(BEFORE_PREPARE).await?;
         let conn = self.conn()?;
         let begin = async {
             match self.begun {
@@ -602,7 +592,7 @@ impl BranchSession for PostgresBranch {
         }
         let mut prepared = Vec::with_capacity(statements.len());
         for statement in statements {
-            match self.prepare_statement(statement).await {
+            match self.prepare_cached(&statement.sql).await {
                 Ok(p) if p.columns().is_empty() && p.params().len() == statement.params.len() => prepared.push(p),
                 // One at a time instead, if a statement returns rows (the
                 // limit is checked before PREPARE), if its parameters do
@@ -615,7 +605,7 @@ impl BranchSession for PostgresBranch {
                 _ => return run_then_prepare(self, statements, gid, result_bytes_max).await,
             }
         }
-        let before = self.prepare_before_prepare().await.map_err(|e| fail(None, e))?;
+        let before = self.prepare_cached(BEFORE_PREPARE).await.map_err(|e| fail(None, e))?;
         crate::failpoint::hit("coordinator::before_prepare").await;
         // From here the branch is begun: an early exit (a deadline) drops
         // it, and the drop guard closes the connection and cancels what
